@@ -1,0 +1,32 @@
+# Quick start (fresh machine): `make run` runs the main job, `make test` runs the tests.
+# Both create .venv and install what they need. GPU users: `make test TORCH=torch==2.11.0`.
+SHELL := /bin/bash
+PY ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test lint venv
+
+$(BIN)/parity: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The pinned torch first: an open range would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(BIN)/parity
+
+venv: $(BIN)/parity
+
+run: venv
+	$(BIN)/parity demo
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict harness reference_impl scenarios
+
+# pytest's exit 5 ("no tests collected") is not a failure.
+test: lint
+	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc

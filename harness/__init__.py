@@ -1,0 +1,1 @@
+"""parity's harness: setups, launchers, comparison, localization, mutations and the CLI."""

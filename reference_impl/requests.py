@@ -1,0 +1,117 @@
+"""Requests in, outputs out, and the checks that turn bad input into a clear ``ValueError``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from reference_impl.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request.
+
+    Exactly one of ``prompt_ids`` (token ids; for LLaVA with ``tokens_per_image`` placeholder
+    ids per image) and ``prompt_embeds`` (``(n, hidden)`` in the engine's dtype) is given.
+    ``images`` are ``(C, S, S)`` pixel tensors, in order of their placeholders. Generation is
+    greedy and runs for exactly ``max_new_tokens`` (no end-of-sequence stop), so every setup
+    produces the same number of tokens to compare.
+    """
+
+    request_id: str
+    prompt_ids: tuple[int, ...] | None = None
+    prompt_embeds: torch.Tensor | None = None
+    images: tuple[torch.Tensor, ...] = ()
+    max_new_tokens: int = 16
+    top_k: int = 5
+
+    @property
+    def prompt_len(self) -> int:
+        if self.prompt_embeds is not None:
+            return int(self.prompt_embeds.shape[0])
+        return len(self.prompt_ids or ())
+
+    @property
+    def kind(self) -> str:
+        if self.prompt_embeds is not None:
+            return "prompt_embeds"
+        return "multimodal" if self.images else "text"
+
+
+@dataclass
+class RequestOutput:
+    """Per generated token: its id, its logprob, and the top-k ``(id, logprob)`` of that step."""
+
+    request_id: str
+    prompt_len: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+def validate_request(req: Request, cfg: ModelConfig, max_model_len: int, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` naming the problem; nothing is run for an invalid request."""
+    rid = req.request_id
+    if (req.prompt_ids is None) == (req.prompt_embeds is None):
+        raise ValueError(f"request {rid}: give exactly one of prompt_ids and prompt_embeds")
+    if req.prompt_len == 0:
+        raise ValueError(f"request {rid}: empty prompt")
+    if req.max_new_tokens < 1:
+        raise ValueError(f"request {rid}: max_new_tokens={req.max_new_tokens} must be >= 1")
+    total = req.prompt_len + req.max_new_tokens
+    if total > max_model_len:
+        raise ValueError(
+            f"request {rid}: prompt of {req.prompt_len} tokens + {req.max_new_tokens} new tokens "
+            f"= {total} exceeds the model's context of {max_model_len}"
+        )
+    if req.prompt_ids is not None:
+        _check_ids(rid, req.prompt_ids, cfg.text.vocab_size)
+    if req.prompt_embeds is not None:
+        _check_embeds(rid, req.prompt_embeds, cfg.text.hidden_size, dtype)
+    _check_images(req, cfg)
+
+
+def _check_ids(rid: str, ids: tuple[int, ...], vocab: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"request {rid}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+
+
+def _check_embeds(rid: str, embeds: torch.Tensor, hidden: int, dtype: torch.dtype) -> None:
+    if embeds.dim() != 2 or embeds.shape[1] != hidden:
+        raise ValueError(
+            f"request {rid}: prompt_embeds of shape {tuple(embeds.shape)}, expected (n, {hidden})"
+        )
+    if embeds.dtype != dtype:
+        raise ValueError(
+            f"request {rid}: prompt_embeds dtype {embeds.dtype} differs from the engine's {dtype}"
+        )
+    if not torch.isfinite(embeds).all():
+        raise ValueError(f"request {rid}: prompt_embeds hold NaN or Inf")
+
+
+def _check_images(req: Request, cfg: ModelConfig) -> None:
+    rid, mm = req.request_id, cfg.multimodal
+    if not req.images:
+        if mm is not None and req.prompt_ids and mm.image_token_id in req.prompt_ids:
+            raise ValueError(f"request {rid}: image placeholder tokens but no images")
+        return
+    if mm is None:
+        raise ValueError(f"request {rid}: images given but {cfg.architecture} takes none")
+    if req.prompt_ids is None:
+        raise ValueError(f"request {rid}: images need prompt_ids with placeholder tokens")
+    want = (mm.vision.num_channels, mm.vision.image_size, mm.vision.image_size)
+    for i, img in enumerate(req.images):
+        if tuple(img.shape) != want:
+            raise ValueError(
+                f"request {rid}: image {i} has shape {tuple(img.shape)}, expected (C, H, W) = {want}"
+            )
+    placeholders = sum(1 for t in req.prompt_ids if t == mm.image_token_id)
+    expected = len(req.images) * mm.tokens_per_image
+    if placeholders != expected:
+        raise ValueError(
+            f"request {rid}: {placeholders} image placeholder tokens for {len(req.images)} images; "
+            f"expected {expected} ({mm.tokens_per_image} per image)"
+        )

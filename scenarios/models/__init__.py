@@ -1,0 +1,156 @@
+"""Tiny checkpoints built offline with transformers from a config and a seed.
+
+Each built-in model is a ``TinyModelSpec``; ``checkpoint(name)`` builds it once into a cache
+directory keyed by a hash of (spec, seed, transformers major version) and returns the path.
+Building is atomic (a temporary directory renamed into place), so concurrent test workers may
+ask for the same model at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Standard deviation of the LM-head (or tied embedding) weights. The final RMSNorm gives hidden
+# states of unit RMS, so logits have std ~ sqrt(hidden) * std = 8 * 1.0: the top-1 token leads
+# the runner-up by ~2 nats on average, so fp32 rounding (~1e-5) never flips a greedy choice.
+LM_HEAD_STD = 1.0
+# Larger than transformers' 0.02 so every layer moves the residual stream: at 0.1 the tied
+# tiny-qwen2 only copied its input token (the embedding dominated), which would hide layer bugs;
+# at 0.3 all three models produce varied tokens (measured: 21-24 distinct of 24 greedy tokens)
+# with the smallest top-1/top-2 logprob gap seen ~0.03, far above fp32 noise.
+INIT_STD = 0.3
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    name: str
+    family: str  # "llama" | "qwen2" | "llava"
+    text: dict[str, Any]
+    vision: dict[str, Any] = field(default_factory=dict)
+    llava: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    description: str = ""
+    init_std: float = INIT_STD
+
+    def digest(self) -> str:
+        import transformers
+
+        blob = json.dumps(
+            [asdict(self), LM_HEAD_STD, transformers.__version__.split(".")[0]],
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_TEXT_BASE: dict[str, Any] = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, head_dim=16, max_position_embeddings=256,
+    bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)
+
+MODELS: dict[str, TinyModelSpec] = {
+    "tiny-llama": TinyModelSpec(
+        "tiny-llama", "llama",
+        {**_TEXT_BASE, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+         "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 64}},
+        seed=1, description="Llama, GQA (4 heads, 2 KV heads), Llama-3 RoPE scaling, untied head",
+    ),
+    "tiny-qwen2": TinyModelSpec(
+        "tiny-qwen2", "qwen2",
+        {**_TEXT_BASE, "num_key_value_heads": 1, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+        seed=2, description="Qwen2, qkv bias, one KV head, tied embeddings",
+    ),
+    "tiny-llava": TinyModelSpec(
+        "tiny-llava", "llava",
+        {**_TEXT_BASE, "num_key_value_heads": 2, "rms_norm_eps": 3e-6},
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=32, patch_size=8, num_channels=3),
+        llava=dict(image_token_id=500, vision_feature_layer=-2,
+                   vision_feature_select_strategy="default", projector_hidden_act="gelu"),
+        seed=3, description="LLaVA: CLIP tower (16 patches) + projector + Llama decoder, eps 3e-6",
+    ),
+}
+
+
+def cache_root() -> Path:
+    env = os.environ.get("PARITY_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "parity"
+
+
+def _hf_model(spec: TinyModelSpec) -> Any:
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(spec.seed)
+    text = {**spec.text, "initializer_range": spec.init_std}
+    if spec.family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**text))
+    if spec.family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**text))
+    cfg = tf.LlavaConfig(
+        text_config=tf.LlamaConfig(**text),
+        vision_config=tf.CLIPVisionConfig(**spec.vision, initializer_range=spec.init_std),
+        **spec.llava,
+    )
+    return tf.LlavaForConditionalGeneration(cfg)
+
+
+def _peak(model: Any, seed: int) -> None:
+    """Re-draw the output projection with ``LM_HEAD_STD`` so greedy choices are not near-ties."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1000)
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        head.copy_(torch.randn(head.shape, generator=gen) * LM_HEAD_STD)
+
+
+def build(spec: TinyModelSpec, out: Path) -> None:
+    model = _hf_model(spec)
+    _peak(model, spec.seed)
+    model.save_pretrained(str(out))
+
+
+def checkpoint(name: str) -> Path:
+    """Path of the built checkpoint of a built-in model (building it on first use)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: built-in models are {sorted(MODELS)}")
+    spec = MODELS[name]
+    root = cache_root() / "models"
+    final = root / f"{name}-{spec.digest()}"
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        build(spec, tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve(name_or_path: str) -> Path:
+    """A built-in model name, or a local Hugging Face checkpoint directory."""
+    if name_or_path in MODELS:
+        return checkpoint(name_or_path)
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        return path
+    raise ValueError(
+        f"{name_or_path!r} is neither a built-in model ({', '.join(sorted(MODELS))}) "
+        "nor a directory holding config.json"
+    )
