@@ -36,8 +36,11 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(text, i) for i in range(text.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(text.hidden_size, text.rms_norm_eps)
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [layer for layer in self.layers.values() if isinstance(layer, DecoderLayer)]
+
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn for layer in self.layers.values() if isinstance(layer, DecoderLayer)]
+        return [layer.self_attn for layer in self.decoder_layers()]
 
     def forward(
         self,

@@ -19,9 +19,12 @@ from pathlib import Path
 
 import torch
 
-# `@triton.jit` picks the interpreter when a kernel is DECORATED (it reads
-# TRITON_INTERPRET then, not when triton is imported), so this must run before
-# reference_impl.kernels is imported. With a GPU the kernels run natively.
+# Run the Triton kernels on CPU under the Triton interpreter. This must happen
+# before `triton` is FIRST imported in the process: the interpreter is chosen
+# when a function is decorated with @triton.jit, and triton.language's own jit
+# helpers (tl.sum, tl.max, ...) are decorated when triton is imported. Setting
+# it later gives "Cannot call @triton.jit'd outside of the scope of a kernel".
+# With a GPU the kernels run natively instead.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -40,35 +43,33 @@ from reference_impl.kernels import (  # noqa: E402
 # `reference_impl.kernels.rms_norm` is also the name of a function exported by
 # the package, so fetch the modules themselves from sys.modules.
 RMS_MODULE = "reference_impl.kernels.rms_norm"
-FUSED_MODULE = "reference_impl.kernels.fused_add_rms_norm"
 OPS_MODULE = "reference_impl.kernels.ops"
-
-
-def _ensure_interpreted_kernels() -> None:
-    """Re-decorate the kernels if another test module imported them first.
-
-    If some earlier-collected module imported reference_impl.kernels before this
-    file set TRITON_INTERPRET, the kernels are compiled-GPU JITFunctions and
-    cannot run on CPU tensors; reloading the two kernel modules re-decorates
-    them (the launchers look their kernel up in the module globals at call time).
-    """
-    if not HAS_TRITON or torch.cuda.is_available():
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(sys.modules[RMS_MODULE]._rms_norm_kernel, InterpretedFunction):
-        importlib.reload(sys.modules[RMS_MODULE])
-        importlib.reload(sys.modules[FUSED_MODULE])
-
-
-_ensure_interpreted_kernels()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-requires_triton = pytest.mark.skipif(
-    not HAS_TRITON, reason="triton is not installed: the Triton kernels cannot run"
-)
+
+def _triton_skip_reason() -> str | None:
+    """Why the Triton kernels cannot run in this process, or None if they can."""
+    if not HAS_TRITON:
+        return "triton is not installed: the Triton kernels cannot run"
+    if torch.cuda.is_available():
+        return None
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.sum, InterpretedFunction):
+        # Cannot be repaired here: triton cannot be re-imported in one process.
+        return (
+            "no GPU, and triton was imported before TRITON_INTERPRET=1 was set (an "
+            "earlier-collected test module imported reference_impl.kernels), so the "
+            "interpreter is off; set TRITON_INTERPRET=1 in conftest.py or the environment"
+        )
+    return None
+
+
+TRITON_SKIP_REASON = _triton_skip_reason()
+requires_triton = pytest.mark.skipif(TRITON_SKIP_REASON is not None, reason=TRITON_SKIP_REASON or "")
 
 # fp32: kernel and reference evaluate the same formula in fp32; only the order
 # of the H-term sum of squares differs (numpy's / the GPU's tree vs torch's),
@@ -303,7 +304,7 @@ def test_triton_zero_rows() -> None:
     assert out.shape == new_residual.shape == (0, 64)
 
 
-@requires_triton
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_launch_config() -> None:
     launch_config = sys.modules[RMS_MODULE].launch_config
     assert launch_config(40, 4) == (64, 1)
@@ -460,8 +461,8 @@ def test_compiled_graph_has_one_fused_node_and_no_copy() -> None:
 @pytest.mark.parametrize("force_triton", [False, True], ids=["torch", "triton"])
 def test_opcheck(force_triton: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if force_triton:
-        if not HAS_TRITON:
-            pytest.skip("triton is not installed: the Triton kernels cannot run")
+        if TRITON_SKIP_REASON is not None:
+            pytest.skip(TRITON_SKIP_REASON)
         monkeypatch.setenv("PARITY_FORCE_TRITON", "1")
     else:
         monkeypatch.delenv("PARITY_FORCE_TRITON", raising=False)

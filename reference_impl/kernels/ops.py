@@ -82,7 +82,8 @@ register()
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x (..., H) with weight (H,), HF LlamaRMSNorm casting."""
-    return torch.ops.parity.rms_norm(x, weight, eps)  # type: ignore[no-any-return]
+    out: torch.Tensor = torch.ops.parity.rms_norm(x, weight, eps)
+    return out
 
 
 def fused_add_rms_norm(

@@ -72,12 +72,13 @@ MODELS: dict[str, TinyModelSpec] = {
     ),
     "tiny-llava": TinyModelSpec(
         "tiny-llava", "llava",
-        {**_TEXT_BASE, "num_key_value_heads": 2, "rms_norm_eps": 3e-6},
+        {**_TEXT_BASE, "num_key_value_heads": 2, "rms_norm_eps": 3e-6, "attention_bias": True},
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                     image_size=32, patch_size=8, num_channels=3),
         llava=dict(image_token_id=500, vision_feature_layer=-2,
                    vision_feature_select_strategy="default", projector_hidden_act="gelu"),
-        seed=3, description="LLaVA: CLIP tower (16 patches) + projector + Llama decoder, eps 3e-6",
+        seed=3, description="LLaVA: CLIP tower (16 patches) + projector + Llama decoder with attention "
+        "biases (o_proj too: a row-parallel bias), eps 3e-6",
     ),
 }
 

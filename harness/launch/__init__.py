@@ -1,0 +1,7 @@
+"""Launchers: one ``Worker`` per rank, driven from the harness process."""
+
+from harness.launch.base import Launcher, WorkerError
+from harness.launch.mp import MpLauncher
+from harness.launch.worker import Worker
+
+__all__ = ["Launcher", "MpLauncher", "Worker", "WorkerError"]

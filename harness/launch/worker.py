@@ -1,0 +1,74 @@
+"""One rank: joins the process group once, builds engines for specs, runs requests."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from reference_impl.engine import EngineSpec, build_runner, local_device
+from reference_impl.requests import Request, RequestOutput
+from reference_impl.runner import Runner
+
+# A collective that waits longer than this is a hang (a peer died or diverged), not slowness:
+# the largest tiny-model step takes well under a second on 2 CPU cores.
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+
+
+class Worker:
+    """A rank's long-lived state: the process group (kept across cases) and the last engine."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                 device: str) -> None:
+        torch.set_num_threads(1)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.rank, self.world_size, self.device_kind = rank, world_size, device
+        self.device = local_device(device, rank)
+        if device == "cuda":
+            torch.cuda.set_device(self.device)
+        if world_size > 1:
+            dist.init_process_group(
+                "nccl" if device == "cuda" else "gloo",
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
+            )
+        self._spec: EngineSpec | None = None
+        self._runner: Runner | None = None
+
+    def runner(self, spec: EngineSpec) -> Runner:
+        """The engine for ``spec``, rebuilt only when the spec changes."""
+        if spec.world_size != self.world_size:
+            raise ValueError(f"spec needs {spec.world_size} ranks; this worker pool has {self.world_size}")
+        if spec != self._spec or self._runner is None:
+            self._runner = None
+            self._runner = build_runner(spec, self.device)
+            self._spec = spec
+        return self._runner
+
+    def load(self, spec: EngineSpec) -> None:
+        """Build the engine for ``spec`` ahead of ``generate`` (to time or warm it)."""
+        self.runner(spec)
+
+    def generate(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput] | None:
+        """Every rank serves the requests; rank 0 (which sees every sampled token) returns them."""
+        outputs = self.runner(spec).generate(requests)
+        return outputs if self.rank == 0 else None
+
+    def ping(self) -> int:
+        return self.rank
+
+    def apply(self, target: str, *args: Any) -> Any:
+        """Import ``module:function`` and call it with this worker (patches, probes, tests)."""
+        module_name, _, attr = target.partition(":")
+        fn = getattr(importlib.import_module(module_name), attr)
+        return fn(self, *args)
+
+    def close(self) -> None:
+        self._runner = None
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,61 @@
+"""Build one rank's engine: load the full checkpoint, keep this stage, shard, wrap in a runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from reference_impl.config import load_config
+from reference_impl.loader import DTYPES, load_model
+from reference_impl.parallel import apply_tp, init_parallel, split_stages, validate_parallel
+from reference_impl.parallel.pipeline import PipelineComm
+from reference_impl.runner import EngineConfig, LocalComm, Runner, StageComm
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a rank needs to build its part of the engine; identical on every rank."""
+
+    checkpoint: str
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "float32"
+    device: str = "cpu"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unsupported dtype {self.dtype!r}: choose from {sorted(DTYPES)}")
+        return DTYPES[self.dtype]
+
+    def validate(self, num_devices: int | None = None) -> None:
+        """Reject the spec before any process starts."""
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"unsupported device {self.device!r}: 'cpu' or 'cuda'")
+        _ = self.torch_dtype
+        validate_parallel(load_config(Path(self.checkpoint)), self.tp, self.pp, self.device, num_devices)
+
+
+def local_device(kind: str, rank: int) -> torch.device:
+    if kind == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+def build_runner(spec: EngineSpec, rank_device: torch.device) -> Runner:
+    """This rank's runner. Needs the default process group when ``world_size > 1``."""
+    state = init_parallel(spec.tp, spec.pp)
+    model = load_model(spec.checkpoint, spec.torch_dtype, rank_device)
+    model = split_stages(model, spec.pp, state.pp_rank)
+    model = apply_tp(model, state)
+    comm: StageComm = LocalComm()
+    if spec.pp > 1:
+        comm = PipelineComm(state, model.cfg.text.hidden_size, spec.torch_dtype, rank_device)
+    return Runner(model, spec.engine, comm)

@@ -1,0 +1,57 @@
+"""Pipeline plumbing for the runner: hand-off of ``IntermediateTensors`` between stages and the
+broadcast of sampled tokens from the last stage to every rank."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from reference_impl.model import IntermediateTensors
+from reference_impl.parallel.groups import ParallelState
+from reference_impl.runner import SampledTokens, StepBatch
+
+
+class PipelineComm:
+    """``StageComm`` over torch.distributed point-to-point (TP peer to TP peer) and broadcast."""
+
+    def __init__(self, state: ParallelState, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.state = state
+        self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+        self.is_first = state.is_first_stage
+        self.is_last = state.is_last_stage
+
+    def recv_intermediate(self, batch: StepBatch) -> IntermediateTensors | None:
+        if self.is_first:
+            return None
+        src = self.state.stage_rank(self.state.pp_rank - 1)
+        shape = (batch.num_tokens, self.hidden_size)
+        hidden = torch.empty(shape, dtype=self.dtype, device=self.device)
+        residual = torch.empty(shape, dtype=self.dtype, device=self.device)
+        dist.recv(hidden, src=src)
+        dist.recv(residual, src=src)
+        return IntermediateTensors(hidden, residual)
+
+    def send_intermediate(self, batch: StepBatch, out: IntermediateTensors) -> None:
+        """Both tensors go out full length, ``(T, H)``."""
+        dst = self.state.stage_rank(self.state.pp_rank + 1)
+        dist.send(out.hidden_states.contiguous(), dst=dst)
+        dist.send(out.residual.contiguous(), dst=dst)
+
+    def broadcast_samples(self, samples: SampledTokens | None, n: int, k: int) -> SampledTokens:
+        if self.state.pp == 1:
+            assert samples is not None
+            return samples
+        # One float64 buffer (ids are exact in float64): (n, 2 + 2k).
+        buf = torch.empty((n, 2 + 2 * k), dtype=torch.float64, device=self.device)
+        if samples is not None:
+            buf[:, 0] = samples.ids
+            buf[:, 1] = samples.logprobs
+            buf[:, 2:2 + k] = samples.top_ids
+            buf[:, 2 + k:] = samples.top_logprobs
+        src = self.state.stage_rank(self.state.pp - 1)
+        dist.broadcast(buf, src=src, group=self.state.pp_group)
+        if samples is not None:
+            return samples
+        return SampledTokens(buf[:, 0].long(), buf[:, 1].float(), buf[:, 2:2 + k].long(),
+                             buf[:, 2 + k:].float())
