@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from reference_impl.compile.config import CompileConfig, pad_to_bucket, token_buckets
 from reference_impl.config import load_config
 from reference_impl.loader import DTYPES, load_model
 from reference_impl.parallel import apply_tp, init_parallel, split_stages, validate_parallel
@@ -24,6 +25,7 @@ class EngineSpec:
     dtype: str = "float32"
     device: str = "cpu"
     engine: EngineConfig = field(default_factory=EngineConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     @property
     def world_size(self) -> int:
@@ -57,5 +59,13 @@ def build_runner(spec: EngineSpec, rank_device: torch.device) -> Runner:
     model = apply_tp(model, state)
     comm: StageComm = LocalComm()
     if spec.pp > 1:
-        comm = PipelineComm(state, model.cfg.text.hidden_size, spec.torch_dtype, rank_device)
-    return Runner(model, spec.engine, comm)
+        comm = PipelineComm(state, model.cfg.text.hidden_size, spec.torch_dtype, rank_device, spec.compile)
+    runner = Runner(model, spec.engine, comm)
+    if spec.compile.mode != "eager":
+        from reference_impl.compile.compiled_model import CompiledModel
+
+        runner.model_fn = CompiledModel(model, spec.compile, state, spec.torch_dtype, rank_device)
+        max_tokens = spec.engine.max_num_batched_tokens + spec.engine.max_num_seqs
+        buckets = token_buckets(spec.tp, max_tokens)
+        runner.pad_tokens = lambda n: pad_to_bucket(n, buckets)
+    return runner

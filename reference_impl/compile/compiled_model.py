@@ -1,0 +1,73 @@
+"""The model behind ``torch.compile`` with the parity backend, as the runner's ``model_fn``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch._dynamo
+
+from reference_impl.compile.backend import GraphCompiler
+from reference_impl.compile.config import CompileConfig, sp_active
+from reference_impl.compile.passes import NoOpEliminationPass, PassManager, SequenceParallelismPass
+from reference_impl.model import CausalLM, IntermediateTensors
+from reference_impl.parallel.groups import ParallelState
+from reference_impl.runner import StepBatch
+
+# Each (padded size, input kind) is one Dynamo compile: raise the recompile limits above the
+# number of buckets x kinds so Dynamo never silently falls back to eager.
+DYNAMO_RECOMPILE_LIMIT = 256
+
+
+class CompiledModel:
+    """Calls the model through ``torch.compile``; SP is applied to the graphs of steps for which
+    ``sp_active`` holds, so the runner's hand-off predicate and the graph always agree."""
+
+    def __init__(self, model: CausalLM, config: CompileConfig, state: ParallelState,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.config, self.state = model, config, state
+        self.sp_pass: SequenceParallelismPass | None = None
+        if config.sp and state.tp > 1:
+            self.sp_pass = SequenceParallelismPass(state.tp, state.tp_rank, state.tp_group_name,
+                                                   dtype, device)
+        self.compiler = GraphCompiler(config, self.passes_for)
+        _raise_recompile_limits()
+        self.fn = torch.compile(self._forward, backend=self.compiler, fullgraph=True, dynamic=False)
+
+    def passes_for(self, num_tokens: int) -> PassManager:
+        passes: list[Any] = []
+        if self.sp_pass is not None and sp_active(num_tokens, self.state.tp, self.config):
+            passes.append(self.sp_pass)
+        passes.append(NoOpEliminationPass())
+        return PassManager(passes)
+
+    def _forward(
+        self, positions: torch.Tensor, input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None, hidden: torch.Tensor | None, residual: torch.Tensor | None,
+    ) -> Any:
+        intermediate = None if hidden is None or residual is None else IntermediateTensors(hidden, residual)
+        out = self.model(positions, input_ids, inputs_embeds, intermediate)
+        if isinstance(out, IntermediateTensors):
+            return out.hidden_states, out.residual
+        return out
+
+    def __call__(self, batch: StepBatch, intermediate: IntermediateTensors | None
+                 ) -> torch.Tensor | IntermediateTensors:
+        if intermediate is not None:
+            out = self.fn(batch.positions, None, None, intermediate.hidden_states, intermediate.residual)
+        elif batch.inputs_embeds is not None:
+            out = self.fn(batch.positions, None, batch.inputs_embeds, None, None)
+        else:
+            out = self.fn(batch.positions, batch.input_ids, None, None, None)
+        if isinstance(out, tuple):
+            return IntermediateTensors(out[0], out[1])
+        assert isinstance(out, torch.Tensor)
+        return out
+
+
+def _raise_recompile_limits() -> None:
+    cfg: Any = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), DYNAMO_RECOMPILE_LIMIT))
