@@ -59,6 +59,12 @@ class Worker:
         outputs = self.runner(spec).generate(requests)
         return outputs if self.rank == 0 else None
 
+    def compile_records(self) -> list[dict[str, object]]:
+        """What the compile passes did to every graph of the current engine."""
+        from reference_impl.compile.compiled_model import compile_records
+
+        return compile_records(self._runner.model_fn if self._runner else None)
+
     def ping(self) -> int:
         return self.rank
 

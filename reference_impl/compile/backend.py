@@ -54,6 +54,7 @@ class GraphCompiler:
     config: CompileConfig
     make_passes: Callable[[int], PassManager]  # num_tokens -> the passes for that step size
     records: list[PassRecord] = field(default_factory=list)
+    label: str = ""  # the input kind of the graph being compiled ("ids", "embeds", "intermediate")
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         num_tokens = _num_tokens(example_inputs)
@@ -70,7 +71,7 @@ class GraphCompiler:
                       num_tokens: int) -> Callable[..., Any]:
         from torch._inductor.decomposition import select_decomp_table
 
-        record = PassRecord(graph=name, num_tokens=num_tokens)
+        record = PassRecord(graph=f"{self.label}/{name}", num_tokens=num_tokens)
 
         def fw_compiler(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor | int | torch.SymInt | None]
                         ) -> Any:

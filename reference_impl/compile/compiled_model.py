@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -54,15 +55,25 @@ class CompiledModel:
     def __call__(self, batch: StepBatch, intermediate: IntermediateTensors | None
                  ) -> torch.Tensor | IntermediateTensors:
         if intermediate is not None:
+            self.compiler.label = "intermediate"
             out = self.fn(batch.positions, None, None, intermediate.hidden_states, intermediate.residual)
         elif batch.inputs_embeds is not None:
+            self.compiler.label = "embeds"
             out = self.fn(batch.positions, None, batch.inputs_embeds, None, None)
         else:
+            self.compiler.label = "ids"
             out = self.fn(batch.positions, batch.input_ids, None, None, None)
         if isinstance(out, tuple):
             return IntermediateTensors(out[0], out[1])
         assert isinstance(out, torch.Tensor)
         return out
+
+
+def compile_records(model_fn: object) -> list[dict[str, object]]:
+    """What the passes did to each graph compiled so far, as plain data (for tests, reports)."""
+    if not isinstance(model_fn, CompiledModel):
+        return []
+    return [dataclasses.asdict(r) for r in model_fn.compiler.records]
 
 
 def _raise_recompile_limits() -> None:

@@ -48,6 +48,9 @@ class PassRecord:
     nodes_before: int = 0
     nodes_after: int = 0
     ops_after: dict[str, int] = field(default_factory=dict)
+    # Row count of the residual entering each parity::residual_rows (SP's Middle/Final): the
+    # full step size where the residual arrives unsharded (embedding outside, pipeline input).
+    residual_rows_inputs: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -66,4 +69,8 @@ class PassManager:
         gm.recompile()
         record.nodes_after = len(gm.graph.nodes)
         record.ops_after = dict(op_counts(gm))
+        record.residual_rows_inputs = [
+            int(n.args[0].meta["val"].shape[0]) for n in gm.graph.nodes
+            if n.op == "call_function" and _op_name(n.target) == "parity.residual_rows.default"
+        ]
         return record

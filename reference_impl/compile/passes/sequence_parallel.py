@@ -12,6 +12,10 @@ Patterns (over the functional aten graph; any epsilon, matched as a wildcard):
 - **Middle** ``all_reduce -> fused_add_rms_norm(x, residual)``, both outputs used: the residual
   is taken to this rank's rows by ``parity::residual_rows`` (a no-op copy when already sharded).
 - **Final**  the same with only the normed output used (the model's last norm).
+
+Middle and Final also come in a variant with a row-parallel bias between the all-reduce and the
+norm (``all_reduce(x) + b``, e.g. Llama's ``attention_bias`` on o_proj): the bias is then added
+to the reduce-scattered rows, still once per row.
 """
 
 from __future__ import annotations
@@ -98,15 +102,37 @@ class SequenceParallelismPass:
         out, _ = kernel_ops.fused_add_rms_norm(shard, self._rows(residual, partial), weight, eps)
         return self._gather(out)
 
+    def middle_bias_pattern(self, partial: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
+                            weight: torch.Tensor, eps: float) -> Any:
+        return kernel_ops.fused_add_rms_norm(self._all_reduce(partial) + bias, residual, weight, eps)
+
+    def middle_bias_replacement(self, partial: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
+                                weight: torch.Tensor, eps: float) -> Any:
+        shard = self._scatter(partial) + bias
+        out, new_residual = kernel_ops.fused_add_rms_norm(shard, self._rows(residual, partial), weight, eps)
+        return self._gather(out), new_residual
+
+    def final_bias_pattern(self, partial: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
+                           weight: torch.Tensor, eps: float) -> Any:
+        return self.middle_bias_pattern(partial, bias, residual, weight, eps)[0]
+
+    def final_bias_replacement(self, partial: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
+                               weight: torch.Tensor, eps: float) -> Any:
+        shard = self._scatter(partial) + bias
+        out, _ = kernel_ops.fused_add_rms_norm(shard, self._rows(residual, partial), weight, eps)
+        return self._gather(out)
+
     def _register(self, dtype: torch.dtype, device: torch.device) -> None:
         # Distinct tensors: the tracer identifies an input passed twice as one pattern argument.
         x, r = (torch.empty(_EXAMPLE_TOKENS, _EXAMPLE_HIDDEN, dtype=dtype, device=device) for _ in range(2))
-        w = torch.empty(_EXAMPLE_HIDDEN, dtype=dtype, device=device)
+        w, b = (torch.empty(_EXAMPLE_HIDDEN, dtype=dtype, device=device) for _ in range(2))
         eps = {"eps": 1e-5}  # a wildcard: any epsilon in the graph matches
         specs: list[tuple[str, Callable[..., Any], Callable[..., Any], list[Any]]] = [
             ("first", self.first_pattern, self.first_replacement, [x, w]),
             ("middle", self.middle_pattern, self.middle_replacement, [x, r, w]),
+            ("middle", self.middle_bias_pattern, self.middle_bias_replacement, [x, b, r, w]),
             ("final", self.final_pattern, self.final_replacement, [x, r, w]),
+            ("final", self.final_bias_pattern, self.final_bias_replacement, [x, b, r, w]),
         ]
         for name, pattern, replacement, example in specs:
             register_replacement(

@@ -1,0 +1,64 @@
+"""Single-process unit tests of compile pieces: configs, buckets, the no-op pass, the
+residual-rows op, the piecewise split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from reference_impl.compile.config import CompileConfig, pad_to_bucket, sp_active, token_buckets
+from reference_impl.compile.passes import NoOpEliminationPass
+from reference_impl.compile.sp_ops import residual_rows
+
+
+def test_compile_config_validation() -> None:
+    with pytest.raises(ValueError, match="compile mode 'jit'"):
+        CompileConfig(mode="jit")
+    with pytest.raises(ValueError, match="partition 'half'"):
+        CompileConfig(mode="graph", partition="half")
+    with pytest.raises(ValueError, match="sequence parallelism is a compile pass"):
+        CompileConfig(mode="eager", sp=True)
+
+
+def test_sp_active_threshold() -> None:
+    cfg = CompileConfig(mode="graph", sp=True, sp_min_tokens=16)
+    assert sp_active(16, 2, cfg) and not sp_active(8, 2, cfg)
+    assert not sp_active(64, 1, cfg)  # tp=1: nothing to shard
+    assert not sp_active(64, 2, CompileConfig(mode="graph"))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_buckets_are_multiples_of_tp_and_cover(tp: int) -> None:
+    buckets = token_buckets(tp, 32)
+    assert all(b % tp == 0 for b in buckets) and buckets == sorted(set(buckets))
+    for n in range(1, 33):
+        padded = pad_to_bucket(n, buckets)
+        assert padded >= n and padded % tp == 0
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        pad_to_bucket(buckets[-1] + 1, buckets)
+
+
+def test_noop_elimination_removes_only_shape_keeping_ops() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        a = x[0:8]  # full extent: no-op
+        b = a.view(8, 4)  # same shape: no-op
+        c = b[0:4]  # a real slice
+        return c.reshape(2, 8)  # a real reshape
+
+    gm = make_fx(fn, tracing_mode="fake")(torch.randn(8, 4))
+    x = torch.randn(8, 4)
+    want = gm(x)
+    removed = NoOpEliminationPass()(gm)
+    gm.recompile()
+    assert removed == 2
+    torch.testing.assert_close(gm(x), want, rtol=0, atol=0)
+
+
+def test_residual_rows_full_or_sharded() -> None:
+    full = torch.arange(8.0)[:, None].repeat(1, 3)  # (8, 3), row i holds i
+    assert residual_rows(full, 8, 2, 1)[:, 0].tolist() == [4, 5, 6, 7]
+    shard = full[:4]
+    assert torch.equal(residual_rows(shard, 8, 2, 1), shard)  # already sharded: unchanged
+    with pytest.raises(RuntimeError, match="residual has 3 rows; expected 8 .full. or 4"):
+        residual_rows(full[:3], 8, 2, 0)
