@@ -131,11 +131,18 @@ class MpLauncher:
 
 
 def _main() -> None:
-    """Time one run: ``python -m harness.launch.mp --tp 2 --pp 2 --model tiny-llama``."""
+    """Time one setup: ``python -m harness.launch.mp --tp 2 --pp 2 [--compile graph --sp]``.
+
+    Prints process start-up, engine build, the first generation (which compiles every step
+    size it meets) and a second, warm one; with a compiled mode also the graph node counts
+    before and after the passes.
+    """
     import argparse
 
     import torch
 
+    from reference_impl.compile import CompileConfig
+    from reference_impl.config import load_config
     from scenarios import inputs
     from scenarios.models import resolve
 
@@ -143,12 +150,13 @@ def _main() -> None:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--compile", default="eager", choices=["eager", "graph", "inductor"])
+    parser.add_argument("--partition", default="full", choices=["full", "piecewise"])
+    parser.add_argument("--sp", action="store_true")
     args = parser.parse_args()
     ckpt = str(resolve(args.model))
-    from reference_impl.config import load_config
-
     requests = inputs.text(load_config(ckpt), inputs.InputSpec())
-    spec = EngineSpec(ckpt, args.tp, args.pp)
+    spec = EngineSpec(ckpt, args.tp, args.pp, compile=CompileConfig(args.compile, args.partition, args.sp))
     spec.validate()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -159,8 +167,16 @@ def _main() -> None:
         t2 = time.perf_counter()
         launcher.run(spec, requests)
         t3 = time.perf_counter()
-    print(f"tp={args.tp} pp={args.pp} {args.model}: process start + rendezvous {t1 - t0:.2f}s, "
-          f"engine build {t2 - t1:.2f}s, generation of {len(requests)} requests {t3 - t2:.2f}s")
+        launcher.run(spec, requests)
+        t4 = time.perf_counter()
+        records = launcher.call("compile_records")[0]
+    print(f"{args.model} tp={args.tp} pp={args.pp} compile={args.compile}/{args.partition} sp={args.sp}: "
+          f"process start + rendezvous {t1 - t0:.2f}s, engine build {t2 - t1:.2f}s, "
+          f"first generation {t3 - t2:.2f}s, warm generation {t4 - t3:.2f}s "
+          f"({len(requests)} requests)")
+    for r in records:
+        print(f"  rank0 graph {r['graph']:>16s} T={r['num_tokens']:<3d} nodes {r['nodes_before']} -> "
+              f"{r['nodes_after']}  changes {r['changes']}")
 
 
 if __name__ == "__main__":
