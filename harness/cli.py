@@ -1,11 +1,141 @@
-"""The ``parity`` command line."""
+"""The ``parity`` command line. See README.md for the contract; exit codes:
+0 all cases passed (skips allowed), 1 a comparison failed, 2 usage/configuration error
+(nothing ran), 3 infrastructure error (crash, timeout) and no comparison failure."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
+
+
+class UsageError(ValueError):
+    """Bad command line or configuration: exit 2, nothing ran."""
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v for v in value.split(",") if v] if value else None
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError as exc:
+        raise UsageError(f"--shard {value!r}: expected I/N, e.g. 0/4") from exc
+    return i, n
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from harness.matrix import get_matrix
+    from harness.orchestrate import Orchestrator, RunOptions, plan, shard
+    from harness.progress import Progress
+    from harness.results import ResultStore, environment, exit_code
+    from reports.html import render_all
+
+    torch.set_num_threads(1)
+    matrix = get_matrix(args.matrix)
+    options = RunOptions(
+        backend=args.backend, device=args.device or matrix.device, dtype=args.dtype or matrix.dtype,
+        baseline=args.baseline, model=args.model, fresh_workers=args.fresh_workers,
+        mutation=args.mutation, seed=args.seed, policy=args.policy,
+    )
+    planned = plan(matrix, options, _csv(args.setups), _csv(args.scenarios))
+    if (sh := _shard(args.shard)) is not None:
+        planned = shard(planned, *sh)
+    out = Path(args.resume or args.out)
+    store = ResultStore(out)
+    done = store.done_ids() if args.resume else set()
+    todo = [p for p in planned if p.case.id not in done]
+    print(f"parity run: matrix {matrix.name}, {len(planned)} cases ({len(planned) - len(todo)} already done), "
+          f"model {options.model}, backend {options.backend}, {options.device}/{options.dtype}, "
+          f"baseline {options.baseline}, out {out}", file=sys.stderr)
+    progress = Progress(len(todo))
+    orchestrator = Orchestrator(options)
+    try:
+        for p in todo:
+            progress.begin(p.case.id)
+            result = orchestrator.run_case(p)
+            store.append(result)
+            note = result.reason.splitlines()[0][:160] if result.status in ("fail", "error", "skip") else ""
+            progress.finish(p.case.id, result.status, result.seconds, note)
+    finally:
+        orchestrator.close()
+    wanted = {p.case.id for p in planned}
+    results = [r for r in store.load() if r.id in wanted]
+    index = render_all(out, results, environment())
+    code = exit_code(results)
+    print(f"report: {index.resolve()}  (exit {code})", file=sys.stderr)
+    return code
+
+
+def _list(args: argparse.Namespace) -> int:
+    from harness.matrix import MATRICES
+    from harness.scenario import SCENARIOS
+    from scenarios.models import MODELS
+
+    if args.what == "models":
+        for name, spec in MODELS.items():
+            print(f"{name:12s} {spec.description}")
+    elif args.what == "matrices":
+        for m in MATRICES.values():
+            print(f"{m.name:8s} {len(m.setups)} setups x {len(m.scenarios)} scenarios "
+                  f"({m.device}/{m.dtype}): {m.description}")
+    elif args.what == "setups":
+        seen: dict[str, list[str]] = {}
+        for m in MATRICES.values():
+            for s in m.setups:
+                seen.setdefault(s, []).append(m.name)
+        for s, ms in seen.items():
+            print(f"{s:32s} in {', '.join(ms)}")
+    elif args.what == "scenarios":
+        for sc in SCENARIOS.values():
+            print(f"{sc.name:14s} {sc.description}")
+    elif args.what == "mutations":
+        from harness.mutations import CATALOG
+
+        for mut in CATALOG.values():
+            print(f"{mut.name:28s} {mut.reference:14s} {mut.summary}")
+    return EXIT_OK
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from harness.matrix import get_matrix
+
+    m = get_matrix(args.name)
+    if args.shards < 1:
+        raise UsageError(f"--shards {args.shards}: must be >= 1")
+    shards = [{"shard": f"{i}/{args.shards}", "matrix": m.name, "device": m.device, "dtype": m.dtype}
+              for i in range(args.shards)]
+    if args.format == "github":
+        print(json.dumps({"include": shards}))
+    else:
+        print(json.dumps({"name": m.name, "description": m.description, "device": m.device, "dtype": m.dtype,
+                          "setups": list(m.setups), "scenarios": list(m.scenarios), "shards": shards}, indent=2))
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from harness.results import environment, exit_code, merge
+    from reports.html import render_all
+
+    dirs = [Path(d) for d in args.dirs]
+    for d in dirs:
+        if not (d / "results.jsonl").is_file():
+            raise UsageError(f"{d} holds no results.jsonl")
+    results = merge(dirs)
+    out = Path(args.out) if args.out else dirs[0]
+    index = render_all(out, results, environment())
+    print(f"report: {index.resolve()}", file=sys.stderr)
+    return exit_code(results)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -32,41 +162,66 @@ def _demo(args: argparse.Namespace) -> int:
     outputs = Runner(model, EngineConfig(max_num_batched_tokens=32)).generate(requests)
     for req, out in zip(requests, outputs):
         mean_lp = sum(out.logprobs) / len(out.logprobs)
-        print(f"{out.request_id}: prompt {req.prompt_len} tokens -> {out.token_ids} "
-              f"(mean logprob {mean_lp:.3f})")
+        print(f"{out.request_id}: prompt {req.prompt_len} tokens -> {out.token_ids} (mean logprob {mean_lp:.3f})")
     print(f"done in {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-def _list(args: argparse.Namespace) -> int:
-    from scenarios.models import MODELS
-
-    if args.what == "models":
-        for name, spec in MODELS.items():
-            print(f"{name:12s} {spec.description}")
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parity", description=__doc__)
+    parser = argparse.ArgumentParser(prog="parity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a tiny model and generate with the engine")
+
+    run = sub.add_parser("run", help="run a matrix of setups x scenarios against baselines")
+    run.add_argument("--matrix", default="smoke", help="named matrix (parity list matrices)")
+    run.add_argument("--setups", help="comma-separated setup ids, e.g. tp2-sp-graph-full (default: the matrix's)")
+    run.add_argument("--scenarios", help="comma-separated scenarios (default: the matrix's)")
+    run.add_argument("--model", default="tiny-llava", help="built-in model name or local HF checkpoint dir")
+    run.add_argument("--baseline", default="auto", help="auto | hf | a setup id")
+    run.add_argument("--backend", default="ray", choices=["ray", "mp"])
+    run.add_argument("--device", choices=["cpu", "cuda"], help="default: the matrix's")
+    run.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the matrix's")
+    run.add_argument("--policy", default="logprobs", choices=["exact", "logprobs"])
+    run.add_argument("--mutation", help="run with a catalogued bug injected (parity list mutations)")
+    run.add_argument("--fresh-workers", action="store_true", help="new worker processes for every run")
+    run.add_argument("--shard", help="I/N: run every N-th case starting at I")
+    run.add_argument("--seed", type=int, default=0, help="input seed of the scenarios")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR: only cases not yet recorded")
+    run.add_argument("--out", default="parity-out", help="output directory (default: parity-out)")
+    run.set_defaults(func=_run)
+
+    lst = sub.add_parser("list", help="list matrices, setups, scenarios, mutations or models")
+    lst.add_argument("what", choices=["matrices", "setups", "scenarios", "mutations", "models"])
+    lst.set_defaults(func=_list)
+
+    mat = sub.add_parser("matrix", help="print a matrix as JSON, or as a GitHub Actions matrix of shards")
+    mat.add_argument("--name", required=True)
+    mat.add_argument("--shards", type=int, default=1)
+    mat.add_argument("--format", default="json", choices=["json", "github"])
+    mat.set_defaults(func=_matrix)
+
+    rep = sub.add_parser("report", help="re-render (and merge) run directories into one report")
+    rep.add_argument("dirs", nargs="+")
+    rep.add_argument("--out", help="output directory (default: the first DIR)")
+    rep.set_defaults(func=_report)
+
+    demo = sub.add_parser("demo", help="build a tiny model and generate with the single-device engine")
     demo.add_argument("--model", default="tiny-llama", help="built-in model name or checkpoint dir")
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.set_defaults(func=_demo)
-    lst = sub.add_parser("list", help="list built-in things")
-    lst.add_argument("what", choices=["models"])
-    lst.set_defaults(func=_list)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
     try:
         code: int = args.func(args)
-    except ValueError as exc:
+    except (UsageError, ValueError) as exc:
         print(f"parity: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return code
 
 

@@ -2,6 +2,7 @@
 
 from harness.launch.base import Launcher, WorkerError
 from harness.launch.mp import MpLauncher
+from harness.launch.ray_launcher import RayLauncher
 from harness.launch.worker import Worker
 
-__all__ = ["Launcher", "MpLauncher", "Worker", "WorkerError"]
+__all__ = ["Launcher", "MpLauncher", "RayLauncher", "Worker", "WorkerError"]

@@ -18,6 +18,8 @@ from reference_impl.runner import Runner
 # A collective that waits longer than this is a hang (a peer died or diverged), not slowness:
 # the largest tiny-model step takes well under a second on 2 CPU cores.
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+# Engines kept per worker: a case's candidate and its baseline.
+ENGINE_CACHE_SIZE = 2
 
 
 class Worker:
@@ -37,18 +39,22 @@ class Worker:
                 init_method=f"tcp://{master_addr}:{master_port}",
                 rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
             )
-        self._spec: EngineSpec | None = None
+        self._engines: dict[EngineSpec, Runner] = {}  # most recently used last
         self._runner: Runner | None = None
 
     def runner(self, spec: EngineSpec) -> Runner:
-        """The engine for ``spec``, rebuilt only when the spec changes."""
+        """The engine for ``spec``; the last ``ENGINE_CACHE_SIZE`` engines (a candidate and its
+        baseline, with their compiled graphs) are kept, so alternating between them is free."""
         if spec.world_size != self.world_size:
             raise ValueError(f"spec needs {spec.world_size} ranks; this worker pool has {self.world_size}")
-        if spec != self._spec or self._runner is None:
-            self._runner = None
-            self._runner = build_runner(spec, self.device)
-            self._spec = spec
-        return self._runner
+        runner = self._engines.pop(spec, None)
+        if runner is None:
+            while len(self._engines) >= ENGINE_CACHE_SIZE:
+                self._engines.pop(next(iter(self._engines)))
+            runner = build_runner(spec, self.device)
+        self._engines[spec] = runner
+        self._runner = runner
+        return runner
 
     def load(self, spec: EngineSpec) -> None:
         """Build the engine for ``spec`` ahead of ``generate`` (to time or warm it)."""
@@ -76,5 +82,6 @@ class Worker:
 
     def close(self) -> None:
         self._runner = None
+        self._engines.clear()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,130 @@
+"""Baseline outputs: a disk cache keyed by what determines them, and the Hugging Face baseline.
+
+Key = (checkpoint hash, requests hash, baseline id + dtype + device, engine code hash), so a
+change to the model, the inputs, the baseline setup or the engine's code misses the cache.
+Entries are written atomically; concurrent xdist workers and consecutive runs share them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reference_impl.requests import Request, RequestOutput
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sha(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()[:16]
+
+
+@cache
+def checkpoint_hash(path: str) -> str:
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".json", ".safetensors"))
+    return _sha(*(f.name.encode() + f.read_bytes() for f in files))
+
+
+@cache
+def engine_code_hash() -> str:
+    sources = sorted((REPO_ROOT / "reference_impl").rglob("*.py"))
+    return _sha(*(str(p.relative_to(REPO_ROOT)).encode() + p.read_bytes() for p in sources))
+
+
+def requests_hash(requests: Sequence[Request]) -> str:
+    chunks: list[bytes] = []
+    for r in requests:
+        chunks.append(repr((r.request_id, r.prompt_ids, r.max_new_tokens, r.top_k)).encode())
+        for t in ([r.prompt_embeds] if r.prompt_embeds is not None else []) + list(r.images):
+            chunks.append(str(t.dtype).encode() + t.detach().float().cpu().numpy().tobytes())
+    return _sha(*chunks)
+
+
+def outputs_to_json(outputs: Sequence[RequestOutput]) -> list[dict[str, Any]]:
+    return [{"request_id": o.request_id, "prompt_len": o.prompt_len, "token_ids": o.token_ids,
+             "logprobs": o.logprobs, "top_logprobs": [[list(p) for p in step] for step in o.top_logprobs]}
+            for o in outputs]
+
+
+def outputs_from_json(data: list[dict[str, Any]]) -> list[RequestOutput]:
+    return [RequestOutput(d["request_id"], d["prompt_len"], list(d["token_ids"]), list(d["logprobs"]),
+                          [[(int(i), float(lp)) for i, lp in step] for step in d["top_logprobs"]])
+            for d in data]
+
+
+class BaselineCache:
+    """``get(key)`` / ``put(key, outputs)`` under ``root`` (one JSON file per key)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @staticmethod
+    def key(checkpoint: str, requests: Sequence[Request], baseline: str, dtype: str, device: str) -> str:
+        return _sha(checkpoint_hash(checkpoint).encode(), requests_hash(requests).encode(),
+                    f"{baseline}/{dtype}/{device}".encode(), engine_code_hash().encode())
+
+    def get(self, key: str) -> list[RequestOutput] | None:
+        path = self.root / f"{key}.json"
+        if not path.is_file():
+            return None
+        try:
+            return outputs_from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError):
+            return None  # a damaged entry is a miss
+
+    def put(self, key: str, outputs: Sequence[RequestOutput]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(outputs_to_json(outputs), f)
+        os.replace(tmp, self.root / f"{key}.json")
+
+
+# -- Hugging Face transformers at tp=1 -------------------------------------------------------------
+
+def hf_generate(checkpoint: str, requests: Sequence[Request], dtype: str = "float32",
+                device: str = "cpu") -> list[RequestOutput]:
+    """Greedy generation with transformers, one request at a time, with the chosen-token logprob
+    and the top-k logprobs of every step (log_softmax of the raw fp32 logits)."""
+    import transformers as tf
+
+    from reference_impl.config import load_config
+    from reference_impl.loader import DTYPES
+
+    cfg = load_config(checkpoint)
+    cls: Any = tf.LlavaForConditionalGeneration if cfg.multimodal else tf.AutoModelForCausalLM
+    model = cls.from_pretrained(checkpoint, dtype=DTYPES[dtype]).to(device).eval()
+    return [_hf_one(model, r, device) for r in requests]
+
+
+def _hf_one(model: Any, req: Request, device: str) -> RequestOutput:
+    kwargs: dict[str, Any] = {}
+    if req.prompt_embeds is not None:
+        kwargs["inputs_embeds"] = req.prompt_embeds[None].to(device)
+    else:
+        kwargs["input_ids"] = torch.tensor([req.prompt_ids], device=device)
+        if req.images:
+            kwargs["pixel_values"] = torch.stack(req.images).to(device, model.dtype)
+    with torch.no_grad():
+        out = model.generate(**kwargs, max_new_tokens=req.max_new_tokens, min_new_tokens=req.max_new_tokens,
+                             do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    result = RequestOutput(req.request_id, req.prompt_len)
+    tokens = out.sequences[0, -req.max_new_tokens:].tolist()
+    for token, logits in zip(tokens, out.logits):
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        top_lp, top_ids = torch.topk(logprobs, req.top_k)
+        result.token_ids.append(int(token))
+        result.logprobs.append(float(logprobs[token]))
+        result.top_logprobs.append(list(zip(top_ids.tolist(), top_lp.tolist())))
+    return result

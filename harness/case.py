@@ -1,0 +1,63 @@
+"""A case (setup x scenario x model, against a baseline) and its result record."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from harness.setup import ParallelSetup
+
+STATUSES = ("pass", "fail", "error", "skip")
+HF_BASELINE = "hf"
+
+
+@dataclass(frozen=True)
+class Case:
+    """Run ``setup`` on ``scenario``'s requests for ``model`` and compare with ``baseline``
+    (another setup, or ``"hf"``: Hugging Face transformers at tp=1)."""
+
+    setup: ParallelSetup
+    baseline: ParallelSetup | str
+    scenario: str
+    model: str
+
+    @property
+    def baseline_id(self) -> str:
+        return self.baseline if isinstance(self.baseline, str) else self.baseline.id
+
+    @property
+    def id(self) -> str:
+        """``<setup>-<scenario>`` plus the model, e.g. ``tiny-llava/tp2-sp-graph-full-text``."""
+        return f"{self.model}/{self.setup.id}-{self.scenario}"
+
+
+@dataclass
+class CaseResult:
+    """One line of ``results.jsonl`` and one entry of ``summary.json``'s ``cases``."""
+
+    id: str
+    setup: str
+    baseline: str
+    scenario: str
+    model: str
+    status: str  # "pass" | "fail" | "error" | "skip"
+    reason: str = ""
+    first_divergence: dict[str, Any] | None = None
+    localization: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r} not in {STATUSES}")
+
+    @classmethod
+    def for_case(cls, case: Case, status: str, **fields: Any) -> CaseResult:
+        return cls(case.id, case.setup.id, case.baseline_id, case.scenario, case.model, status, **fields)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CaseResult:
+        return cls(**data)

@@ -1,0 +1,43 @@
+"""``InProcessLauncher``: the single-rank engine in the driver's own process (tp = pp = 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from harness.launch.base import WorkerError
+from harness.launch.worker import Worker
+from reference_impl.engine import EngineSpec
+from reference_impl.requests import Request, RequestOutput
+
+
+class InProcessLauncher:
+    """World size 1: no processes to start; exceptions still come back as ``WorkerError``."""
+
+    world_size = 1
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._worker: Worker | None = None
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        if self._worker is None:
+            self._worker = Worker(0, 1, "127.0.0.1", 0, self.device)
+        try:
+            return [getattr(self._worker, method)(*args)]
+        except Exception as exc:
+            import traceback
+
+            raise WorkerError(0, traceback.format_exc()) from exc
+
+    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
+        spec.validate()
+        if spec.world_size != 1:
+            raise ValueError(f"spec needs {spec.world_size} ranks; the in-process launcher has 1")
+        outputs: list[RequestOutput] = self.call("generate", spec, list(requests))[0]
+        return outputs
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None

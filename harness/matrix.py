@@ -1,0 +1,49 @@
+"""Named matrices: sets of (setup, scenario) cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.scenario import SCENARIOS
+from harness.setup import ParallelSetup
+
+ALL_SCENARIOS = tuple(SCENARIOS)
+
+
+@dataclass(frozen=True)
+class Matrix:
+    name: str
+    description: str
+    setups: tuple[str, ...]
+    scenarios: tuple[str, ...] = ALL_SCENARIOS
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def parsed_setups(self, dtype: str | None = None, device: str | None = None) -> list[ParallelSetup]:
+        return [ParallelSetup.parse(s, dtype or self.dtype, device or self.device) for s in self.setups]
+
+
+_SP_PAIRS = ("tp2-sp-graph-full", "tp2-sp-graph-piecewise", "tp2-pp2-sp-graph-full", "tp2-pp2-sp-graph-piecewise")
+
+MATRICES: dict[str, Matrix] = {
+    m.name: m for m in (
+        Matrix("smoke", "PR gate, minutes on 2 CPU cores: TP, TP+PP and their SP variants, both partitions",
+               ("tp2-eager", "tp2-pp2-eager") + _SP_PAIRS),
+        Matrix("nightly", "the full cross product that fits the device",
+               ("tp2-eager", "tp4-eager", "tp1-pp2-eager", "tp2-pp2-eager", "tp2-graph-full",
+                "tp4-sp-graph-full", "tp2-sp-inductor-full", "tp2-pp2-sp-inductor-full",
+                "tp2-pp2-sp-graph-full-spmin16", "tp2-sp-graph-full-nochunk") + _SP_PAIRS),
+        Matrix("gpu2", "two GPUs: TP and SP, graph and inductor", (
+            "tp2-eager", "tp2-sp-graph-full", "tp2-sp-graph-piecewise", "tp2-sp-inductor-full",
+            "tp2-sp-inductor-piecewise"), device="cuda", dtype="bfloat16"),
+        Matrix("gpu4", "four GPUs: TP x PP with SP, graph and inductor", (
+            "tp2-pp2-eager", "tp2-pp2-sp-graph-full", "tp2-pp2-sp-inductor-full",
+            "tp2-pp2-sp-graph-piecewise", "tp2-pp2-sp-inductor-piecewise"), device="cuda", dtype="bfloat16"),
+    )
+}
+
+
+def get_matrix(name: str) -> Matrix:
+    if name not in MATRICES:
+        raise ValueError(f"unknown matrix {name!r}: choose from {', '.join(MATRICES)}")
+    return MATRICES[name]

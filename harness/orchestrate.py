@@ -1,0 +1,210 @@
+"""Runs cases: plans them from a matrix, gets baseline and candidate outputs from pooled
+workers, compares, and records each result as soon as it is known."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.baseline import BaselineCache, hf_generate
+from harness.case import HF_BASELINE, Case, CaseResult
+from harness.compare import compare
+from harness.launch.base import Launcher, WorkerError
+from harness.matrix import Matrix
+from harness.scenario import get_scenario
+from harness.setup import ParallelSetup
+from reference_impl.config import load_config
+from reference_impl.requests import Request, RequestOutput
+from scenarios.models import cache_root, resolve
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run executes (the part of the command line that is not case selection)."""
+
+    backend: str = "ray"  # "ray" | "mp"
+    device: str = "cpu"
+    dtype: str = "float32"
+    baseline: str = "auto"  # "auto" | "hf" | a setup id
+    model: str = "tiny-llava"
+    policy: str = "logprobs"
+    seed: int = 0
+    max_new_tokens: int = 16
+    fresh_workers: bool = False
+    mutation: str | None = None
+    use_baseline_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("ray", "mp"):
+            raise ValueError(f"backend {self.backend!r}: choose 'ray' or 'mp'")
+
+
+@dataclass(frozen=True)
+class PlannedCase:
+    case: Case
+    skip_reason: str | None = None
+
+
+def available_devices(device: str) -> int | None:
+    """How many ranks the device allows (None: no limit, CPU ranks are processes)."""
+    if device == "cpu":
+        return None
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def baseline_for(setup: ParallelSetup, choice: str) -> ParallelSetup | str:
+    if choice == "auto":
+        return setup.auto_baseline()
+    if choice == HF_BASELINE:
+        return HF_BASELINE
+    base = ParallelSetup.parse(choice, setup.dtype, setup.device)
+    return base
+
+
+def plan(matrix: Matrix, options: RunOptions, setups: Sequence[str] | None = None,
+         scenarios: Sequence[str] | None = None) -> list[PlannedCase]:
+    """Cases of ``matrix`` (optionally narrowed), each with a skip reason where it cannot run."""
+    chosen = list(setups) if setups else list(matrix.setups)
+    setup_objs = [ParallelSetup.parse(s, options.dtype, options.device) for s in chosen]
+    names = list(scenarios) if scenarios else list(matrix.scenarios)
+    for name in names:
+        get_scenario(name)
+    cfg = load_config(resolve(options.model))
+    limit = available_devices(options.device)
+    planned = []
+    for setup in setup_objs:
+        for name in names:
+            case = Case(setup, baseline_for(setup, options.baseline), name, options.model)
+            planned.append(PlannedCase(case, _skip_reason(case, cfg, limit)))
+    return planned
+
+
+def _skip_reason(case: Case, cfg: Any, limit: int | None) -> str | None:
+    from reference_impl.parallel import validate_parallel
+
+    reason = get_scenario(case.scenario).skip_reason(cfg)
+    if reason:
+        return reason
+    for setup in (case.setup, case.baseline):
+        if not isinstance(setup, ParallelSetup):
+            continue
+        if limit is not None and setup.world_size > limit:
+            return f"{setup.id} needs {setup.world_size} {setup.device} devices; {limit} available"
+        try:
+            validate_parallel(cfg, setup.tp, setup.pp)
+        except ValueError as exc:
+            return f"{setup.id} does not fit {case.model}: {exc}"
+    return None
+
+
+def shard(planned: list[PlannedCase], index: int, count: int) -> list[PlannedCase]:
+    """Cases ``index, index + count, ...`` (``--shard I/N`` with 0 <= I < N)."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= I < N")
+    return planned[index::count]
+
+
+@dataclass
+class LauncherPool:
+    """Launchers per world size, reused across cases (``fresh_workers``: new ones per run)."""
+
+    backend: str
+    device: str
+    fresh_workers: bool = False
+    _launchers: dict[int, Launcher] = field(default_factory=dict)
+
+    def get(self, world_size: int) -> Launcher:
+        if world_size == 1:
+            from harness.launch.inprocess import InProcessLauncher
+
+            return self._launchers.setdefault(1, InProcessLauncher(self.device))
+        if world_size not in self._launchers:
+            self._launchers[world_size] = self._new(world_size)
+        return self._launchers[world_size]
+
+    def _new(self, world_size: int) -> Launcher:
+        if self.backend == "ray":
+            from harness.launch.ray_launcher import RayLauncher
+
+            return RayLauncher(world_size, self.device, fresh_workers=self.fresh_workers)
+        from harness.launch.mp import MpLauncher
+
+        return MpLauncher(world_size, self.device)
+
+    def run(self, setup: ParallelSetup, checkpoint: str, requests: list[Request],
+            prepare: Callable[[Launcher], None] | None = None) -> list[RequestOutput]:
+        launcher = self.get(setup.world_size)
+        if prepare is not None:
+            prepare(launcher)
+        try:
+            return launcher.run(setup.engine_spec(checkpoint), requests)
+        except WorkerError:
+            self.drop(setup.world_size)
+            raise
+        finally:
+            if self.fresh_workers and self.backend == "mp" and setup.world_size > 1:
+                self.drop(setup.world_size)
+
+    def drop(self, world_size: int) -> None:
+        launcher = self._launchers.pop(world_size, None)
+        if launcher is not None:
+            launcher.close()
+
+    def close(self) -> None:
+        for ws in list(self._launchers):
+            self.drop(ws)
+
+
+class Orchestrator:
+    """Runs cases one by one and hands every result to ``on_result`` as soon as it is final."""
+
+    def __init__(self, options: RunOptions, pool: LauncherPool | None = None) -> None:
+        self.options = options
+        self.pool = pool or LauncherPool(options.backend, options.device, options.fresh_workers)
+        self.cache = BaselineCache(cache_root() / "baselines")
+        self.checkpoint = str(resolve(options.model))
+
+    def requests(self, scenario: str) -> list[Request]:
+        return get_scenario(scenario).requests(Path(self.checkpoint), self.options.dtype, self.options.seed,
+                                               self.options.max_new_tokens)
+
+    def baseline_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
+        key = BaselineCache.key(self.checkpoint, requests, case.baseline_id, self.options.dtype,
+                                self.options.device)
+        if self.options.use_baseline_cache and (hit := self.cache.get(key)) is not None:
+            return hit
+        if isinstance(case.baseline, str):
+            outputs = hf_generate(self.checkpoint, requests, self.options.dtype, self.options.device)
+        else:
+            outputs = self.pool.run(case.baseline, self.checkpoint, requests)
+        self.cache.put(key, outputs)
+        return outputs
+
+    def candidate_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
+        return self.pool.run(case.setup, self.checkpoint, requests)
+
+    def run_case(self, planned: PlannedCase) -> CaseResult:
+        case, start = planned.case, time.monotonic()
+        if planned.skip_reason:
+            return CaseResult.for_case(case, "skip", reason=planned.skip_reason)
+        try:
+            requests = self.requests(case.scenario)
+            base = self.baseline_outputs(case, requests)
+            cand = self.candidate_outputs(case, requests)
+        except WorkerError as exc:
+            return CaseResult.for_case(case, "error", reason=str(exc), seconds=time.monotonic() - start)
+        verdict = compare(cand, base, self.options.policy, self.options.dtype)
+        divergence = verdict.first_divergence.to_json() if verdict.first_divergence else None
+        return CaseResult.for_case(
+            case, "pass" if verdict.passed else "fail", reason="" if verdict.passed else verdict.message(),
+            first_divergence=divergence, metrics=dict(verdict.metrics), seconds=time.monotonic() - start,
+        )
+
+    def close(self) -> None:
+        self.pool.close()
+

@@ -1,0 +1,347 @@
+"""Result files of a run: ``results.jsonl`` (append-only, crash-safe), ``summary.json``, ``junit.xml``.
+
+The formats are a contract with CI and other tools:
+
+- ``results.jsonl``: one ``CaseResult.to_json()`` object per line, appended and fsync'd as each case
+  finishes, so a killed run loses nothing finished. On reading, a truncated last line (the run was
+  killed mid-write) is ignored, and when an id appears more than once the last record wins.
+- ``summary.json``: ``{"cases": [...], "totals": {"pass", "fail", "error", "skip"}, "environment": {...}}``.
+- ``junit.xml``: one ``<testsuite>`` with one ``<testcase>`` per case.
+
+Exit codes of a run (``exit_code``): 0 all cases passed (skips allowed), 1 at least one comparison
+failed, 3 infrastructure errors and no comparison failure. (2, a usage error, is the CLI's.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import socket
+import subprocess
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from harness.case import STATUSES, CaseResult
+
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+JUNIT_FILE = "junit.xml"
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+EXIT_INFRA = 3
+
+
+# --- results.jsonl -----------------------------------------------------------------------------
+
+
+class ResultStore:
+    """The append-only ``results.jsonl`` of one output directory (created if missing)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / RESULTS_FILE
+        self._lock = threading.Lock()
+
+    def append(self, result: CaseResult) -> None:
+        """Write ``result`` as one line, then flush and fsync so a killed run keeps it."""
+        line = dumps_line(result)
+        with self._lock:
+            _repair_tail(self.path)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def load(self) -> list[CaseResult]:
+        """All recorded results, one per id (the last record wins), in order of first appearance."""
+        return read_results(self.path) if self.path.exists() else []
+
+    def done_ids(self, *, retry_errors: bool = False) -> set[str]:
+        """Ids of the cases already recorded (what ``--resume`` skips).
+
+        With ``retry_errors`` the ids whose last record is an ``error`` are left out, so that a
+        resumed run tries them again (its new record then wins in ``load``).
+        """
+        return {r.id for r in self.load() if not (retry_errors and r.status == "error")}
+
+
+def dumps_line(result: CaseResult) -> str:
+    """One ``results.jsonl`` line (strict JSON, newline-terminated)."""
+    return json.dumps(_jsonable(result.to_json()), ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def read_results(path: Path) -> list[CaseResult]:
+    """Parse a ``results.jsonl``: last record per id wins; a truncated last line is ignored.
+
+    Raises ``ValueError`` naming the line for a malformed line anywhere but at the end.
+    """
+    # A write cut short may end inside a multi-byte character: decode leniently, and let that line fail.
+    lines = Path(path).read_bytes().decode("utf-8", errors="replace").split("\n")
+    by_id: dict[str, CaseResult] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            result = CaseResult.from_json(json.loads(line))
+        except (ValueError, TypeError) as e:
+            if lineno == len(lines):  # the file does not end in "\n": a write cut short
+                continue
+            raise ValueError(f"{path}:{lineno}: malformed result line: {e}") from e
+        by_id[result.id] = result
+    return list(by_id.values())
+
+
+def merge(dirs: Sequence[Path]) -> list[CaseResult]:
+    """Results of several shard directories' ``results.jsonl``; later directories win on duplicate ids."""
+    by_id: dict[str, CaseResult] = {}
+    for d in dirs:
+        path = Path(d) / RESULTS_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{d}: no {RESULTS_FILE} to merge")
+        for result in read_results(path):
+            by_id[result.id] = result
+    return list(by_id.values())
+
+
+def _repair_tail(path: Path) -> None:
+    """Make ``path`` end at a line boundary before appending: cut off a truncated last line, or add
+    the missing newline after a complete one, so the next record does not run into it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":  # the usual case: one byte read per append
+            return
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:].decode("utf-8"))
+        complete = True
+    except ValueError:
+        complete = False
+    with path.open("r+b") as f:
+        if complete:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        else:
+            f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with tuples as lists, numpy scalars/arrays as Python values and non-finite floats as
+    the strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return _jsonable(value.tolist())
+    return str(value)
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+# --- verdicts ----------------------------------------------------------------------------------
+
+
+def totals(results: Iterable[CaseResult]) -> dict[str, int]:
+    """Counts per status; all four keys ``pass``, ``fail``, ``error``, ``skip`` are always present."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for r in results:
+        counts[r.status] += 1
+    return counts
+
+
+def exit_code(results: Iterable[CaseResult]) -> int:
+    """1 if any case failed a comparison; else 3 if any infrastructure error; else 0."""
+    counts = totals(results)
+    if counts["fail"]:
+        return EXIT_FAIL
+    if counts["error"]:
+        return EXIT_INFRA
+    return EXIT_OK
+
+
+# --- environment -------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    """Where the run happened: git sha, package versions, platform, host, CPUs, CUDA devices, time."""
+    return {
+        "git_sha": _git_sha(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "ray": _version("ray"),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "cuda_devices": _cuda_devices(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _git_sha() -> str:
+    """``git rev-parse HEAD`` of the repository holding this file, or ``"unknown"``."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    sha = proc.stdout.strip()
+    return sha if proc.returncode == 0 and sha else "unknown"
+
+
+def _version(package: str) -> str | None:
+    """The installed version of ``package`` (without importing it), or None if it is not installed."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda_devices() -> list[str]:
+    """Names of the visible CUDA devices; empty without torch or CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    return [str(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
+
+
+# --- summary.json ------------------------------------------------------------------------------
+
+
+def summary(results: Sequence[CaseResult], env: dict[str, Any]) -> dict[str, Any]:
+    """The ``summary.json`` document: cases in the order given, totals and environment."""
+    return {
+        "cases": [_jsonable(r.to_json()) for r in results],
+        "totals": totals(results),
+        "environment": _jsonable(env),
+    }
+
+
+def write_summary(out_dir: Path, results: Sequence[CaseResult], environment: dict[str, Any]) -> Path:
+    """Write ``out_dir/summary.json`` (indent 2) and return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(summary(results, environment), indent=2, ensure_ascii=False, allow_nan=False)
+    return _atomic_write(out_dir / SUMMARY_FILE, text + "\n")
+
+
+# --- junit.xml ---------------------------------------------------------------------------------
+
+# Characters XML 1.0 does not allow, even escaped (model output may hold any of them).
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_text(text: str) -> str:
+    return _XML_INVALID.sub("\ufffd", text)
+
+
+def format_divergence(div: dict[str, Any] | None) -> str:
+    """A first divergence as readable lines (the text of a junit ``<failure>``)."""
+    if not div:
+        return ""
+    lines = [
+        f"request {div.get('request_id')} step {div.get('step')}: "
+        f"candidate token {div.get('candidate_token')!r} vs baseline token {div.get('baseline_token')!r}",
+        f"logprobs: candidate {div.get('candidate_logprob')} baseline {div.get('baseline_logprob')} "
+        f"(diff {div.get('logprob_diff')})",
+    ]
+    for side in ("candidate", "baseline"):
+        if div.get(f"{side}_top_k") is not None:
+            lines.append(f"{side} top-k: {div[f'{side}_top_k']}")
+    if div.get("reason"):
+        lines.append(f"reason: {div['reason']}")
+    if "tolerated" in div:
+        lines.append(f"tolerated: {div['tolerated']}")
+    return "\n".join(lines)
+
+
+def _first_line(text: str) -> str:
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+
+
+def _last_line(text: str) -> str:
+    return next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
+
+
+def _testcase(suite: ET.Element, r: CaseResult) -> None:
+    case = ET.SubElement(
+        suite, "testcase", classname=_xml_text(f"{r.model}.{r.setup}"), name=_xml_text(r.scenario),
+        time=f"{r.seconds:.3f}",
+    )
+    if r.status == "fail":
+        el = ET.SubElement(case, "failure", message=_xml_text(_first_line(r.reason) or "comparison failed"))
+        el.text = _xml_text("\n\n".join(t for t in (r.reason, format_divergence(r.first_divergence)) if t))
+    elif r.status == "error":
+        el = ET.SubElement(case, "error", message=_xml_text(_last_line(r.reason) or "error"))
+        el.text = _xml_text(r.reason)
+    elif r.status == "skip":
+        ET.SubElement(case, "skipped", message=_xml_text(r.reason))
+
+
+def junit_tree(results: Sequence[CaseResult], suite_name: str = "parity") -> ET.Element:
+    """``<testsuites>`` holding one ``<testsuite>`` with a ``<testcase>`` per result."""
+    counts = totals(results)
+    attrs = {
+        "name": _xml_text(suite_name), "tests": str(len(results)), "failures": str(counts["fail"]),
+        "errors": str(counts["error"]), "skipped": str(counts["skip"]),
+        "time": f"{sum(r.seconds for r in results):.3f}",
+    }
+    root = ET.Element("testsuites", attrs)
+    suite = ET.SubElement(
+        root, "testsuite", attrs, hostname=_xml_text(socket.gethostname()),
+        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    for r in results:
+        _testcase(suite, r)
+    return root
+
+
+def write_junit(out_dir: Path, results: Sequence[CaseResult], suite_name: str = "parity") -> Path:
+    """Write ``out_dir/junit.xml`` and return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = junit_tree(results, suite_name)
+    ET.indent(root)
+    text = ET.tostring(root, encoding="unicode", xml_declaration=True)
+    return _atomic_write(out_dir / JUNIT_FILE, text + "\n")
+
+
+__all__ = [
+    "EXIT_FAIL", "EXIT_INFRA", "EXIT_OK", "EXIT_USAGE", "JUNIT_FILE", "RESULTS_FILE", "SUMMARY_FILE",
+    "ResultStore", "dumps_line", "environment", "exit_code", "format_divergence", "junit_tree", "merge",
+    "read_results", "summary", "totals", "write_junit", "write_summary",
+]

@@ -1,0 +1,57 @@
+"""Scenarios as data: which requests a case sends, and what a model must support to run them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reference_impl.config import ModelConfig, load_config
+from reference_impl.loader import DTYPES
+from reference_impl.requests import Request
+from scenarios import inputs
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named batch of requests. ``needs_images``: only for multimodal (LLaVA) models."""
+
+    name: str
+    description: str
+    needs_images: bool = False
+
+    def skip_reason(self, cfg: ModelConfig) -> str | None:
+        if self.needs_images and cfg.multimodal is None:
+            return f"scenario {self.name} needs images; {cfg.architecture} takes none"
+        return None
+
+    def requests(self, checkpoint: Path, dtype: str, seed: int = 0, max_new_tokens: int = 16) -> list[Request]:
+        cfg = load_config(checkpoint)
+        spec = inputs.InputSpec(max_new_tokens=max_new_tokens, seed=seed)
+        return _BUILDERS[self.name](cfg, checkpoint, spec, DTYPES[dtype])
+
+
+Builder = Callable[[ModelConfig, Path, inputs.InputSpec, torch.dtype], list[Request]]
+_BUILDERS: dict[str, Builder] = {
+    "text": lambda cfg, ck, spec, dt: inputs.text(cfg, spec),
+    "prompt_embeds": lambda cfg, ck, spec, dt: inputs.prompt_embeds(cfg, inputs.embedding_table(ck), spec, dt),
+    "multimodal": lambda cfg, ck, spec, dt: inputs.multimodal(cfg, spec),
+    "mixed": lambda cfg, ck, spec, dt: inputs.mixed(cfg, inputs.embedding_table(ck), spec, dt),
+}
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s for s in (
+        Scenario("text", "token ids: lengths 1, 7, 13 and 70 (chunked), ids on vocab-shard boundaries"),
+        Scenario("prompt_embeds", "real (n, hidden) tensors: token embeddings plus noise, lengths 5, 11, 33"),
+        Scenario("multimodal", "prompts with one or two images through the vision tower", needs_images=True),
+        Scenario("mixed", "text, prompt-embeds and (LLaVA) image requests in one batch"),
+    )
+}
+
+
+def get_scenario(name: str) -> Scenario:
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}")
+    return SCENARIOS[name]

@@ -1,0 +1,124 @@
+"""``ParallelSetup``: one way of running the engine, with a stable id and an explicit baseline."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from reference_impl.compile.config import COMPILE_MODES, PARTITIONS, CompileConfig
+from reference_impl.engine import EngineSpec
+from reference_impl.runner import EngineConfig
+
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("cpu", "cuda")
+# The engine's step budget in every setup: small enough that the scenarios' long prompt is
+# chunked and steps mix prefill with decode.
+MAX_NUM_BATCHED_TOKENS = 24
+MAX_NUM_SEQS = 8
+
+
+@dataclass(frozen=True)
+class ParallelSetup:
+    """A way to run the engine.
+
+    tp: tensor-parallel size. pp: pipeline-parallel size. sp: the sequence-parallelism compile
+    pass (needs compile != eager and tp > 1). compile: "eager" | "graph" | "inductor".
+    partition: "full" | "piecewise" (compiled setups only). chunked_prefill: split long
+    prompts over steps. sp_min_tokens: SP only for steps of at least this many tokens.
+    dtype: "float32" | "bfloat16". device: "cpu" | "cuda".
+    """
+
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False
+    compile: str = "eager"
+    partition: str = "full"
+    chunked_prefill: bool = True
+    sp_min_tokens: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp={self.tp} and pp={self.pp} must be >= 1")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile={self.compile!r}: choose from {', '.join(COMPILE_MODES)}")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition={self.partition!r}: choose from {', '.join(PARTITIONS)}")
+        if self.sp and self.compile == "eager":
+            raise ValueError("sp needs a compiled setup (compile 'graph' or 'inductor'), not eager")
+        if self.sp and self.tp == 1:
+            raise ValueError("sp needs tp > 1: with one TP rank there is nothing to shard")
+        if self.compile == "eager" and self.partition != "full":
+            raise ValueError("partition applies to compiled setups only")
+        if self.sp_min_tokens < 0:
+            raise ValueError(f"sp_min_tokens={self.sp_min_tokens} must be >= 0")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: choose from {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}: choose from {', '.join(DEVICES)}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def id(self) -> str:
+        """Stable id, e.g. ``tp2-pp2-sp-graph-full``, ``tp2-eager``, ``tp1-pp1-eager``."""
+        parts = [f"tp{self.tp}"]
+        if self.pp > 1 or self.tp == 1:
+            parts.append(f"pp{self.pp}")
+        if self.sp:
+            parts.append("sp")
+        parts.append(self.compile)
+        if self.compile != "eager":
+            parts.append(self.partition)
+        if self.sp_min_tokens:
+            parts.append(f"spmin{self.sp_min_tokens}")
+        if not self.chunked_prefill:
+            parts.append("nochunk")
+        return "-".join(parts)
+
+    def __str__(self) -> str:
+        return self.id
+
+    def baseline(self) -> ParallelSetup:
+        """The same setup without SP, and nothing else changed."""
+        return replace(self, sp=False, sp_min_tokens=0)
+
+    def single_device(self) -> ParallelSetup:
+        """Single-device eager with this setup's batching, dtype and device."""
+        return ParallelSetup(chunked_prefill=self.chunked_prefill, dtype=self.dtype, device=self.device)
+
+    def auto_baseline(self) -> ParallelSetup:
+        """``--baseline auto``: SP setups against SP off; TP/PP setups against single-device eager."""
+        return self.baseline() if self.sp else self.single_device()
+
+    def engine_spec(self, checkpoint: str) -> EngineSpec:
+        return EngineSpec(
+            checkpoint, self.tp, self.pp, self.dtype, self.device,
+            EngineConfig(MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, self.chunked_prefill),
+            CompileConfig(self.compile, self.partition, self.sp, self.sp_min_tokens),
+        )
+
+    @classmethod
+    def parse(cls, setup_id: str, dtype: str = "float32", device: str = "cpu") -> ParallelSetup:
+        """Inverse of ``id``: ``tp2-pp2-sp-graph-piecewise`` -> ParallelSetup(...)."""
+        m = _ID.fullmatch(setup_id)
+        if m is None:
+            raise ValueError(
+                f"malformed setup id {setup_id!r}: expected tp<N>[-pp<N>][-sp]-<eager|graph|inductor>"
+                "[-<full|piecewise>][-spmin<N>][-nochunk], e.g. tp2-pp2-sp-graph-full"
+            )
+        compile_mode = m["compile"]
+        return cls(
+            tp=int(m["tp"]), pp=int(m["pp"] or 1), sp=bool(m["sp"]), compile=compile_mode,
+            partition=m["partition"] or "full", chunked_prefill=not m["nochunk"],
+            sp_min_tokens=int(m["spmin"] or 0), dtype=dtype, device=device,
+        )
+
+
+_ID = re.compile(
+    r"tp(?P<tp>\d+)(?:-pp(?P<pp>\d+))?(?P<sp>-sp)?-(?P<compile>eager|graph|inductor)"
+    r"(?:-(?P<partition>full|piecewise))?(?:-spmin(?P<spmin>\d+))?(?P<nochunk>-nochunk)?"
+)

@@ -1,0 +1,166 @@
+"""RayLauncher on one local Ray cluster: parity with the single-device engine, pooling, failures."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from functools import cache
+
+import pytest
+import torch
+
+from harness.launch import RayLauncher, WorkerError
+from harness.launch.ray_launcher import ensure_ray, get_pool, shutdown_pools
+from reference_impl.config import load_config
+from reference_impl.engine import EngineSpec
+from reference_impl.loader import load_model
+from reference_impl.requests import Request, RequestOutput
+from reference_impl.runner import EngineConfig, Runner
+from scenarios import inputs
+from scenarios.models import checkpoint
+
+# fp32 chosen-token logprobs, sharded vs single-device: TP changes the summation order of the
+# row-parallel matmuls (partial sums all-reduced) and nothing else; PP changes nothing (0.0).
+# Measured max 3.3e-5 over tests/test_distributed.py's cases; 2e-4 leaves 6x headroom and sits
+# ~150x below the tiny models' smallest top-1/top-2 gap (~0.03), so a wrong shard, which moves
+# logprobs by far more, cannot pass. The launcher changes none of this (same Worker, same gloo).
+TP_LOGPROB_ATOL = 2e-4
+
+MODEL = "tiny-llama"
+SETUPS = {"tp2": (2, 1), "tp2-pp2": (2, 2)}
+# A small step budget so the 70-token prompt is chunked and steps mix prefill with decode.
+ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=24)
+# A rank failure must surface well before the Worker's 120 s collective timeout would fire.
+FAILURE_DEADLINE_S = 60.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster() -> Iterator[None]:
+    """One Ray cluster for the whole module: a local head with 2 logical CPUs, or the session's.
+
+    When the connection already exists (the parity pytest plugin starts one cluster per session)
+    it is reused and left running; only a head started here is shut down here.
+    """
+    ray = pytest.importorskip("ray")
+
+    started_here = not ray.is_initialized()
+    ensure_ray(num_cpus=2)
+    yield
+    shutdown_pools()
+    if started_here:
+        ray.shutdown()
+
+
+@cache
+def requests_for(name: str) -> list[Request]:
+    """Ids (lengths 1, 7, 13, 70) and prompt-embeds: one batch."""
+    ckpt = checkpoint(name)
+    cfg = load_config(ckpt)
+    spec = inputs.InputSpec(max_new_tokens=16)
+    return inputs.text(cfg, spec) + inputs.prompt_embeds(cfg, inputs.embedding_table(ckpt), spec, torch.float32)
+
+
+@cache
+def single_device(name: str) -> list[RequestOutput]:
+    return Runner(load_model(checkpoint(name)), ENGINE).generate(requests_for(name))
+
+
+def assert_same(setup: str, got: list[RequestOutput], want: list[RequestOutput]) -> None:
+    assert [o.request_id for o in got] == [o.request_id for o in want]
+    worst = max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g.logprobs, w.logprobs))
+    print(f"{setup}: max |logprob diff| {worst:.2e}")
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids, f"{setup} {g.request_id}: {g.token_ids} != {w.token_ids}"
+        diff = max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs))
+        assert diff <= TP_LOGPROB_ATOL, f"{setup} {g.request_id}: logprob diff {diff:.2e}"
+
+
+def spec_for(tp: int, pp: int) -> EngineSpec:
+    return EngineSpec(str(checkpoint(MODEL)), tp, pp, engine=ENGINE)
+
+
+def worker_pid(worker: object) -> int:
+    """Runs inside a rank (via ``Worker.apply``): the process serving it."""
+    return os.getpid()
+
+
+def raise_on_rank_1(worker: object) -> None:
+    """Rank 1 fails while rank 0 waits in a collective that rank 1 never joins."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise RuntimeError("boom on rank 1")
+    dist.barrier()
+
+
+def exit_on_rank_1(worker: object) -> None:
+    """Rank 1's process dies without a reply while rank 0 waits in a collective."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        os._exit(3)
+    dist.barrier()
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_parallel_equals_single_device(setup: str) -> None:
+    tp, pp = SETUPS[setup]
+    launcher = get_pool(tp * pp)
+    got = launcher.run(spec_for(tp, pp), requests_for(MODEL))
+    assert_same(setup, got, single_device(MODEL))
+    info = launcher.actor_info()
+    assert launcher.master_addr == info[0]["node_ip"]  # rendezvous on rank 0's node, as Ray sees it
+
+
+def test_pool_reuses_actors_and_fresh_workers_do_not() -> None:
+    spec = spec_for(2, 1)
+    pooled = get_pool(2)
+    pooled.run(spec, requests_for(MODEL))
+    first = pooled.actor_info()
+    assert get_pool(2) is pooled
+    pooled.run(spec, requests_for(MODEL))
+    assert pooled.actor_info() == first
+    assert pooled.call("apply", f"{__name__}:worker_pid") == [i["pid"] for i in first]
+
+    with RayLauncher(2, fresh_workers=True) as fresh:
+        fresh.run(spec, requests_for(MODEL))
+        pids_a = fresh.call("apply", f"{__name__}:worker_pid")
+        fresh.run(spec, requests_for(MODEL))
+        pids_b = fresh.call("apply", f"{__name__}:worker_pid")
+    assert not set(pids_a) & set(pids_b), (pids_a, pids_b)
+    assert not set(pids_a) & {i["pid"] for i in first}
+
+
+@pytest.mark.parametrize("target,message", [
+    ("raise_on_rank_1", "RuntimeError: boom on rank 1"),
+    ("exit_on_rank_1", "actor died"),
+])
+def test_rank_failure_surfaces_without_hanging_and_leaves_the_pool(target: str, message: str) -> None:
+    launcher = get_pool(2)
+    launcher.call("ping")
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        launcher.call("apply", f"{__name__}:{target}")
+    elapsed = time.monotonic() - start
+    print(f"{target}: WorkerError after {elapsed:.2f}s")
+    assert elapsed < FAILURE_DEADLINE_S
+    assert info.value.rank == 1
+    assert message in info.value.detail
+    if target == "raise_on_rank_1":
+        assert "raise_on_rank_1" in info.value.detail  # the traceback, not just the message
+    assert launcher._actors == [] and launcher._pg is None  # every actor was torn down
+    assert get_pool(2) is not launcher  # the next request gets a new pool entry
+    assert get_pool(2).call("ping") == [0, 1]
+
+
+@pytest.mark.parametrize("tp,pp,world_size,message", [
+    (3, 1, 3, "tp=3 does not divide num_attention_heads=4"),
+    (1, 5, 5, r"pp=5 is larger than the number of layers \(4\)"),
+    (2, 2, 2, "spec needs 4 ranks; this launcher has 2"),
+])
+def test_invalid_spec_rejected_before_actors_start(tp: int, pp: int, world_size: int, message: str) -> None:
+    launcher = RayLauncher(world_size)
+    with pytest.raises(ValueError, match=message):
+        launcher.run(EngineSpec(str(checkpoint(MODEL)), tp, pp), requests_for(MODEL))
+    assert launcher._actors == [] and launcher._pg is None and launcher.master_addr is None
