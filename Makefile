@@ -1,4 +1,4 @@
-# Quick start (fresh machine): `make run` runs the main job, `make test` runs the tests.
+# Quick start (fresh machine): `make run` runs the main job (the smoke matrix), `make test` the tests.
 # Both create .venv and install what they need. GPU users: `make test TORCH=torch==2.11.0`.
 SHELL := /bin/bash
 PY ?= python3
@@ -20,8 +20,9 @@ $(BIN)/parity: pyproject.toml
 
 venv: $(BIN)/parity
 
+# The main job: the smoke matrix on the Ray launcher; prints where the HTML report is.
 run: venv
-	$(BIN)/parity demo
+	$(BIN)/parity run --matrix smoke --out parity-out
 
 lint: venv
 	$(BIN)/ruff check .
