@@ -18,9 +18,10 @@ from reference_impl.requests import Request
 
 TEXT_LENGTHS = (1, 7, 13, 70)  # 70 > the default 64-token step budget: chunked prefill
 EMBEDS_LENGTHS = (5, 11, 33)
-# Noise added to real token embeddings: prompt-embeds are not rows of the table, so an engine
-# that silently re-embeds token ids instead of using the given tensor produces other outputs.
-EMBEDS_NOISE = 0.05
+# Noise added to real token embeddings, relative to the table's std: prompt-embeds are not rows
+# of the table, so an engine that silently re-embeds token ids instead of using the given tensor
+# produces other outputs.
+EMBEDS_NOISE = 0.2
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ def prompt_embeds(
     reqs = []
     for i, n in enumerate(EMBEDS_LENGTHS):
         ids = torch.tensor(_ids(gen, n, cfg))
-        rows = embed_table.float()[ids]  # (n, H)
-        rows = rows + EMBEDS_NOISE * torch.randn(rows.shape, generator=gen)
+        table = embed_table.float()
+        rows = table[ids]  # (n, H)
+        rows = rows + EMBEDS_NOISE * table.std() * torch.randn(rows.shape, generator=gen)
         reqs.append(Request(f"{tag}{i}", prompt_embeds=rows.to(dtype),
                             max_new_tokens=spec.max_new_tokens, top_k=spec.top_k))
     return reqs

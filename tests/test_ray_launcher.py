@@ -10,7 +10,7 @@ from functools import cache
 import pytest
 import torch
 
-from harness.launch import RayLauncher, WorkerError
+from harness.launch import RayLauncher, WorkerError, ray_launcher
 from harness.launch.ray_launcher import ensure_ray, get_pool, shutdown_pools
 from reference_impl.config import load_config
 from reference_impl.engine import EngineSpec
@@ -164,3 +164,11 @@ def test_invalid_spec_rejected_before_actors_start(tp: int, pp: int, world_size:
     with pytest.raises(ValueError, match=message):
         launcher.run(EngineSpec(str(checkpoint(MODEL)), tp, pp), requests_for(MODEL))
     assert launcher._actors == [] and launcher._pg is None and launcher.master_addr is None
+
+
+def test_unplaceable_ranks_raise_naming_the_resources(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_launcher, "PLACEMENT_TIMEOUT_S", 2.0)
+    launcher = RayLauncher(2, cpus_per_rank=64)  # more CPUs per rank than any node has
+    with pytest.raises(RuntimeError, match=r"could not place 2 ranks with bundles \{'CPU': 64\}"):
+        launcher.call("ping")
+    assert launcher._actors == [] and launcher._pg is None

@@ -26,6 +26,10 @@ LM_HEAD_STD = 1.0
 # at 0.3 all three models produce varied tokens (measured: 21-24 distinct of 24 greedy tokens)
 # with the smallest top-1/top-2 logprob gap seen ~0.03, far above fp32 noise.
 INIT_STD = 0.3
+# tiny-llava's token embeddings: small enough (mean square 1.6e-5) that the first RMSNorm's
+# epsilon (3e-6) visibly matters, so an engine that uses another epsilon than the config's
+# changes the first layer's activations by ~5% instead of ~1e-5 and cannot pass.
+SMALL_EMBED_STD = 0.004
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class TinyModelSpec:
     seed: int = 0
     description: str = ""
     init_std: float = INIT_STD
+    embed_std: float | None = None  # re-draw the input embedding table with this std
 
     def digest(self) -> str:
         import transformers
@@ -78,7 +83,8 @@ MODELS: dict[str, TinyModelSpec] = {
         llava=dict(image_token_id=500, vision_feature_layer=-2,
                    vision_feature_select_strategy="default", projector_hidden_act="gelu"),
         seed=3, description="LLaVA: CLIP tower (16 patches) + projector + Llama decoder with attention "
-        "biases (o_proj too: a row-parallel bias), eps 3e-6",
+        "biases (o_proj too: a row-parallel bias), eps 3e-6, small token embeddings",
+        embed_std=SMALL_EMBED_STD,
     ),
 }
 
@@ -106,19 +112,25 @@ def _hf_model(spec: TinyModelSpec) -> Any:
     return tf.LlavaForConditionalGeneration(cfg)
 
 
-def _peak(model: Any, seed: int) -> None:
-    """Re-draw the output projection with ``LM_HEAD_STD`` so greedy choices are not near-ties."""
+def _redraw(weight: Any, std: float, seed: int) -> None:
     import torch
 
-    gen = torch.Generator().manual_seed(seed + 1000)
-    head = model.get_output_embeddings().weight
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        head.copy_(torch.randn(head.shape, generator=gen) * LM_HEAD_STD)
+        weight.copy_(torch.randn(weight.shape, generator=gen) * std)
+
+
+def _peak(model: Any, spec: TinyModelSpec) -> None:
+    """Re-draw the output projection with ``LM_HEAD_STD`` so greedy choices are not near-ties,
+    and the input embeddings with ``spec.embed_std`` where set."""
+    if spec.embed_std is not None:
+        _redraw(model.get_input_embeddings().weight, spec.embed_std, spec.seed + 2000)
+    _redraw(model.get_output_embeddings().weight, LM_HEAD_STD, spec.seed + 1000)
 
 
 def build(spec: TinyModelSpec, out: Path) -> None:
     model = _hf_model(spec)
-    _peak(model, spec.seed)
+    _peak(model, spec)
     model.save_pretrained(str(out))
 
 
