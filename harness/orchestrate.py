@@ -13,6 +13,7 @@ from harness.baseline import BaselineCache, hf_generate
 from harness.case import HF_BASELINE, Case, CaseResult
 from harness.compare import compare
 from harness.launch.base import Launcher, WorkerError
+from harness.localize import localize, merge_captures
 from harness.matrix import Matrix
 from harness.scenario import get_scenario
 from harness.setup import ParallelSetup
@@ -116,15 +117,19 @@ class LauncherPool:
     backend: str
     device: str
     fresh_workers: bool = False
+    mutation: str | None = None  # applied inside every worker this pool starts
     _launchers: dict[int, Launcher] = field(default_factory=dict)
 
     def get(self, world_size: int) -> Launcher:
-        if world_size == 1:
+        if world_size == 1 and self.mutation is None:
             from harness.launch.inprocess import InProcessLauncher
 
             return self._launchers.setdefault(1, InProcessLauncher(self.device))
         if world_size not in self._launchers:
-            self._launchers[world_size] = self._new(world_size)
+            launcher = self._new(world_size)
+            if self.mutation is not None:
+                launcher.call("mutate", self.mutation)
+            self._launchers[world_size] = launcher
         return self._launchers[world_size]
 
     def _new(self, world_size: int) -> Launcher:
@@ -150,6 +155,16 @@ class LauncherPool:
             if self.fresh_workers and self.backend == "mp" and setup.world_size > 1:
                 self.drop(setup.world_size)
 
+    def capture(self, setup: ParallelSetup, checkpoint: str, request: Request) -> list[dict[str, Any]]:
+        """Every rank's activations of ``request``'s prefill under ``setup``."""
+        launcher = self.get(setup.world_size)
+        try:
+            out: list[dict[str, Any]] = launcher.call("capture", setup.engine_spec(checkpoint), request)
+        except WorkerError:
+            self.drop(setup.world_size)
+            raise
+        return out
+
     def drop(self, world_size: int) -> None:
         launcher = self._launchers.pop(world_size, None)
         if launcher is not None:
@@ -165,7 +180,12 @@ class Orchestrator:
 
     def __init__(self, options: RunOptions, pool: LauncherPool | None = None) -> None:
         self.options = options
-        self.pool = pool or LauncherPool(options.backend, options.device, options.fresh_workers)
+        if options.mutation is not None and options.fresh_workers:
+            raise ValueError("--mutation patches pooled workers; it cannot be combined with --fresh-workers")
+        self.pool = pool or LauncherPool(options.backend, options.device, options.fresh_workers, options.mutation)
+        # Baselines always come from clean workers.
+        self.baseline_pool = self.pool if options.mutation is None else LauncherPool(
+            options.backend, options.device, options.fresh_workers)
         self.cache = BaselineCache(cache_root() / "baselines")
         self.checkpoint = str(resolve(options.model))
 
@@ -181,7 +201,7 @@ class Orchestrator:
         if isinstance(case.baseline, str):
             outputs = hf_generate(self.checkpoint, requests, self.options.dtype, self.options.device)
         else:
-            outputs = self.pool.run(case.baseline, self.checkpoint, requests)
+            outputs = self.baseline_pool.run(case.baseline, self.checkpoint, requests)
         self.cache.put(key, outputs)
         return outputs
 
@@ -200,11 +220,31 @@ class Orchestrator:
             return CaseResult.for_case(case, "error", reason=str(exc), seconds=time.monotonic() - start)
         verdict = compare(cand, base, self.options.policy, self.options.dtype)
         divergence = verdict.first_divergence.to_json() if verdict.first_divergence else None
+        localization = None
+        if not verdict.passed and divergence is not None:
+            localization = self.localize(case, requests, divergence["request_id"])
         return CaseResult.for_case(
             case, "pass" if verdict.passed else "fail", reason="" if verdict.passed else verdict.message(),
-            first_divergence=divergence, metrics=dict(verdict.metrics), seconds=time.monotonic() - start,
+            first_divergence=divergence, localization=localization, metrics=dict(verdict.metrics),
+            seconds=time.monotonic() - start,
         )
+
+    def localize(self, case: Case, requests: list[Request], request_id: str) -> dict[str, Any] | None:
+        """Replay the failing request's prefill with capture on both sides (not for ``hf``)."""
+        if isinstance(case.baseline, str):
+            return {"note": "no localization against the transformers baseline (no activation capture)"}
+        request = next(r for r in requests if r.request_id == request_id)
+        try:
+            cand = merge_captures(self.pool.capture(case.setup, self.checkpoint, request))
+            base = merge_captures(self.baseline_pool.capture(case.baseline, self.checkpoint, request))
+        except WorkerError as exc:
+            return {"note": f"localization replay failed: {str(exc).splitlines()[0]}", "error": str(exc)}
+        result = localize(cand, base, case.setup.tp, self.options.dtype)
+        result["request_id"] = request_id
+        return result
 
     def close(self) -> None:
         self.pool.close()
+        if self.baseline_pool is not self.pool:
+            self.baseline_pool.close()
 

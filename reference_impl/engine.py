@@ -65,7 +65,8 @@ def build_runner(spec: EngineSpec, rank_device: torch.device) -> Runner:
         from reference_impl.compile.compiled_model import CompiledModel
 
         runner.model_fn = CompiledModel(model, spec.compile, state, spec.torch_dtype, rank_device)
-        max_tokens = spec.engine.max_num_batched_tokens + spec.engine.max_num_seqs
+        # Buckets up to the context length: a whole-prompt replay (localization) is one step.
+        max_tokens = max(spec.engine.max_num_batched_tokens + spec.engine.max_num_seqs, runner.max_model_len)
         buckets = token_buckets(spec.tp, max_tokens)
         runner.pad_tokens = lambda n: pad_to_bucket(n, buckets)
     return runner

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference_impl.attention import attention_op
+from reference_impl.capture import capture
 from reference_impl.config import RopeConfig, TextConfig
 from reference_impl.kernels import fused_add_rms_norm, rms_norm
 
@@ -129,6 +130,8 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: TextConfig, index: int) -> None:
         super().__init__()
+        self.index = index
+        self.capture = False  # record activations for localization (reference_impl/capture.py)
         self.self_attn = Attention(cfg, f"layers.{index}")
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -144,4 +147,6 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
+        if self.capture:
+            hidden, residual = capture(hidden, residual, self.index, positions.shape[0])
         return self.mlp(hidden), residual

@@ -170,6 +170,30 @@ class Runner:
         logits = self.model.compute_logits(out[: batch.metadata.num_real_tokens])
         return list(torch.split(logits, [s.prompt_len for s in seqs]))
 
+    def capture_prefill(self, request: Request) -> dict[str, torch.Tensor]:
+        """Replay ``request``'s prefill as one step with activation capture on; returns this
+        stage's ``"<layer>.hidden_states"`` / ``"<layer>.residual"`` (prompt_len, H) tensors
+        (full length, padding removed) and ``"num_tokens"`` (the padded step size)."""
+        from reference_impl import capture
+
+        validate_request(request, self.model.cfg, self.max_model_len, self.dtype)
+        layers = self.model.model.decoder_layers()
+        capture.STORE.clear()
+        for layer in layers:
+            layer.capture = True
+        try:
+            seq = self._admit(request)
+            seq.slot = 0
+            batch_tokens = self.pad_tokens(seq.prompt_len)
+            self.step([Chunk(seq, 0, seq.prompt_len)])
+        finally:
+            for layer in layers:
+                layer.capture = False
+        out = {k: v[: seq.prompt_len] for k, v in capture.STORE.items()}
+        out["num_tokens"] = torch.tensor(batch_tokens)
+        capture.STORE.clear()
+        return out
+
     def step(self, chunks: list[Chunk]) -> None:
         batch = self.build_batch(chunks)
         out = self.run_model(batch)

@@ -79,7 +79,7 @@ def records(launcher: MpLauncher) -> list[dict[str, Any]]:
 
 # -- graph structure -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("model,eps", [("tiny-llama", 1e-5), ("tiny-qwen2", 1e-6), ("tiny-llava", 3e-6)])
+@pytest.mark.parametrize("model,eps", [("tiny-llama", 1e-5), ("tiny-qwen2", 1e-6), ("tiny-llava", 1e-2)])
 def test_sp_pattern_counts_full_graph(launchers: dict[int, MpLauncher], model: str, eps: float) -> None:
     assert load_config(checkpoint(model)).text.rms_norm_eps == eps  # every epsilon must match
     launcher = launchers[2]

@@ -3,6 +3,8 @@ residual-rows op, the piecewise split."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -62,3 +64,43 @@ def test_residual_rows_full_or_sharded() -> None:
     assert torch.equal(residual_rows(shard, 8, 2, 1), shard)  # already sharded: unchanged
     with pytest.raises(RuntimeError, match="residual has 3 rows; expected 8 .full. or 4"):
         residual_rows(full[:3], 8, 2, 0)
+
+
+@pytest.fixture
+def single_rank_group() -> Iterator[str]:
+    """A one-rank gloo group: enough to trace and rewrite SP patterns in this process."""
+    import torch.distributed as dist
+
+    from harness.launch.base import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield str(dist.new_group([0]).group_name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-6, 3e-6, 1e-2])
+def test_sp_patterns_match_any_epsilon(single_rank_group: str, eps: float) -> None:
+    """vLLM registers its SP patterns for 1e-5 and 1e-6 only and silently skips other models."""
+    from reference_impl.compile.passes import SequenceParallelismPass
+    from reference_impl.compile.passes.sequence_parallel import trace_fake
+    from reference_impl.kernels import ops
+    from reference_impl.parallel import collectives
+
+    group = single_rank_group
+
+    def layer(p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x = collectives.all_reduce(p0, group)  # embedding -> first norm
+        h = ops.rms_norm(x, w, eps)
+        h, r = ops.fused_add_rms_norm(collectives.all_reduce(p1 * h, group), x, w, eps)  # middle
+        out, _ = ops.fused_add_rms_norm(collectives.all_reduce(p2 * h, group), r, w, eps)  # final
+        return out
+
+    t = [torch.randn(8, 16) for _ in range(3)]
+    gm = trace_fake(layer, (*t, torch.randn(16)))
+    sp = SequenceParallelismPass(1, 0, group, torch.float32, torch.device("cpu"))
+    assert sp(gm) == 3
+    assert sp.last_counts == {"first": 1, "middle": 1, "final": 1}
+    gm.recompile()
+    assert f"{eps}" in gm.code or repr(eps) in gm.code  # the graph's epsilon is kept

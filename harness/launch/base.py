@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
@@ -23,6 +23,10 @@ class Launcher(Protocol):
     """Runs an engine spec over ``world_size`` ranks and returns rank 0's outputs."""
 
     world_size: int
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """``Worker.method(*args)`` on every rank; replies in rank order."""
+        ...
 
     def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]: ...
 

@@ -119,7 +119,7 @@ class MpLauncher:
         if self._procs:
             try:
                 self.call("close")
-            except WorkerError:
+            except (WorkerError, OSError):  # already dead or gone: kill what is left
                 pass
             self._kill()
 

@@ -65,6 +65,13 @@ class Worker:
         outputs = self.runner(spec).generate(requests)
         return outputs if self.rank == 0 else None
 
+    def capture(self, spec: EngineSpec, request: Request) -> dict[str, torch.Tensor]:
+        """This rank's activations of ``request``'s prefill (TP rank 0 of each stage answers;
+        the others return nothing, their tensors being the same after the gather)."""
+        captured = self.runner(spec).capture_prefill(request)
+        tp_rank = self.rank % spec.tp
+        return captured if tp_rank == 0 else {}
+
     def compile_records(self) -> list[dict[str, object]]:
         """What the compile passes did to every graph of the current engine."""
         from reference_impl.compile.compiled_model import compile_records
@@ -79,6 +86,17 @@ class Worker:
         module_name, _, attr = target.partition(":")
         fn = getattr(importlib.import_module(module_name), attr)
         return fn(self, *args)
+
+    def mutate(self, name: str) -> None:
+        """Apply the catalog mutation ``name`` in this rank's process; when it acts at engine
+        construction or compile time, drop the cached engines so the next run rebuilds them."""
+        from harness.mutations import get_mutation
+
+        mutation = get_mutation(name)
+        mutation.load()(self)
+        if mutation.needs_rebuild:
+            self._engines.clear()
+            self._runner = None
 
     def close(self) -> None:
         self._runner = None

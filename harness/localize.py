@@ -1,0 +1,73 @@
+"""Localization: on a failed case, replay the failing request's prefill on both sides with
+activation capture and name the first layer and tensor whose error exceeds the tolerance, the
+token rows that differ, and the TP rank whose shard those rows belong to."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+# Per-layer error is measured relative to the baseline tensor's largest magnitude.
+# fp32: TP/SP reorder sums only; relative activation errors seen between clean setups are
+# ~1e-6, and a wrong row (another rank's residual, a missing bias) is off by O(1). 1e-3 sits
+# well between.
+# bf16: each layer rounds activations to 8 significand bits (2^-8 ~ 4e-3 relative); after a
+# few layers clean differences reach ~1e-2, so 5e-2 flags only real divergence.
+ACTIVATION_RTOL = {"float32": 1e-3, "bfloat16": 5e-2}
+TENSORS = ("residual", "hidden_states")  # order of computation inside a layer
+
+
+def merge_captures(per_rank: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One dict from every rank's capture (each stage's TP rank 0 answers for its layers)."""
+    merged: dict[str, torch.Tensor] = {}
+    for part in per_rank:
+        merged.update(part)
+    return merged
+
+
+def _layers(captured: Mapping[str, torch.Tensor]) -> list[int]:
+    return sorted({int(k.split(".")[0]) for k in captured if k != "num_tokens"})
+
+
+def row_errors(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """(rows,) max |candidate - baseline| per token row, relative to max |baseline|."""
+    scale = baseline.abs().max().clamp_min(1e-12)
+    return ((candidate.float() - baseline.float()).abs().amax(dim=-1) / scale)
+
+
+def owner_ranks(rows: list[int], num_tokens: int, tp: int) -> list[int]:
+    """TP ranks whose token shard (of the padded step, split in ``tp`` equal parts) holds ``rows``."""
+    local = max(num_tokens // tp, 1)
+    return sorted({r // local for r in rows})
+
+
+def localize(candidate: Mapping[str, torch.Tensor], baseline: Mapping[str, torch.Tensor],
+             tp: int, dtype: str) -> dict[str, Any]:
+    """The first (layer, tensor) beyond tolerance, with rows, owning TP ranks and per-layer errors."""
+    rtol = ACTIVATION_RTOL[dtype]
+    num_tokens = int(candidate.get("num_tokens", torch.tensor(0)))
+    per_layer: list[float] = []
+    found: dict[str, Any] | None = None
+    for layer in _layers(baseline):
+        worst = 0.0
+        for tensor in TENSORS:
+            key = f"{layer}.{tensor}"
+            if key not in candidate:
+                found = found or {"layer": layer, "tensor": tensor, "rows": [], "tp_ranks": [],
+                                  "max_error": None, "note": f"candidate computed no {key}: layer missing"}
+                continue
+            errors = row_errors(candidate[key], baseline[key])
+            worst = max(worst, float(errors.max()))
+            bad = [int(i) for i in torch.nonzero(errors > rtol).flatten()]
+            if bad and found is None:
+                found = {"layer": layer, "tensor": tensor, "rows": bad,
+                         "tp_ranks": owner_ranks(bad, num_tokens, tp), "max_error": float(errors.max())}
+        per_layer.append(worst)
+    result: dict[str, Any] = found or {"layer": None, "tensor": None, "rows": [], "tp_ranks": [],
+                                       "note": "no layer's activations differ beyond tolerance in the prefill"}
+    result.update({"per_layer_error": per_layer, "rtol": rtol, "num_tokens": num_tokens, "tp": tp})
+    if found is not None and found["tp_ranks"]:
+        result["tp_rank"] = found["tp_ranks"][0] if len(found["tp_ranks"]) == 1 else found["tp_ranks"]
+    return result
