@@ -77,6 +77,29 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
+def _selftest(args: argparse.Namespace) -> int:
+    import torch
+
+    from harness.matrix import get_matrix
+    from harness.mutations import CATALOG, get_mutation
+    from harness.orchestrate import RunOptions
+    from harness.selftest import selftest
+
+    torch.set_num_threads(1)
+    matrix = get_matrix(args.matrix)
+    names = _csv(args.mutations) or list(CATALOG)
+    for name in names:
+        get_mutation(name)
+    options = RunOptions(backend=args.backend, device=args.device or matrix.device, dtype=matrix.dtype,
+                         model=args.model, seed=args.seed)
+    report = selftest(matrix, options, names, Path(args.out))
+    print(report.scenario_table())
+    print(f"clean run {'passed' if report.clean_passed else 'FAILED'}; "
+          f"{sum(bool(report.caught_by(m)) for m in names)}/{len(names)} mutations caught; "
+          f"details in {Path(args.out) / 'selftest.md'}")
+    return EXIT_OK if report.passed else EXIT_FAIL
+
+
 def _list(args: argparse.Namespace) -> int:
     from harness.matrix import MATRICES
     from harness.scenario import SCENARIOS
@@ -189,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR: only cases not yet recorded")
     run.add_argument("--out", default="parity-out", help="output directory (default: parity-out)")
     run.set_defaults(func=_run)
+
+    st = sub.add_parser("selftest", help="run a matrix clean and under every catalogued mutation")
+    st.add_argument("--matrix", default="smoke")
+    st.add_argument("--model", default="tiny-llava", help="built-in model name or local HF checkpoint dir")
+    st.add_argument("--mutations", help="comma-separated subset of the catalog (default: all)")
+    st.add_argument("--backend", default="ray", choices=["ray", "mp"])
+    st.add_argument("--device", choices=["cpu", "cuda"], help="default: the matrix's")
+    st.add_argument("--seed", type=int, default=0, help="input seed of the scenarios")
+    st.add_argument("--out", default="parity-selftest", help="output directory (default: parity-selftest)")
+    st.set_defaults(func=_selftest)
 
     lst = sub.add_parser("list", help="list matrices, setups, scenarios, mutations or models")
     lst.add_argument("what", choices=["matrices", "setups", "scenarios", "mutations", "models"])

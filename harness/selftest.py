@@ -1,0 +1,126 @@
+"""``parity selftest``: run a matrix clean and under every catalogued mutation; every mutation
+must be caught by at least one case and the clean run must pass."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from harness.case import CaseResult
+from harness.matrix import Matrix
+from harness.orchestrate import Orchestrator, PlannedCase, RunOptions, plan
+from harness.progress import Progress
+from harness.results import ResultStore, environment
+
+
+@dataclass
+class SelftestReport:
+    matrix: str
+    clean: list[CaseResult]
+    mutated: dict[str, list[CaseResult]] = field(default_factory=dict)
+
+    @property
+    def clean_passed(self) -> bool:
+        return all(r.status in ("pass", "skip") for r in self.clean)
+
+    def caught_by(self, mutation: str) -> list[CaseResult]:
+        return [r for r in self.mutated[mutation] if r.status in ("fail", "error")]
+
+    @property
+    def passed(self) -> bool:
+        return self.clean_passed and all(self.caught_by(m) for m in self.mutated)
+
+    def scenario_table(self) -> str:
+        """Markdown: mutation x scenario, each cell the setups that caught it (or "missed")."""
+        scenarios = list(dict.fromkeys(r.scenario for r in self.clean))
+        lines = ["| mutation | " + " | ".join(scenarios) + " | caught |",
+                 "| --- | " + " | ".join("---" for _ in scenarios) + " | --- |"]
+        for name, results in self.mutated.items():
+            cells = []
+            for sc in scenarios:
+                hits = [r for r in results if r.scenario == sc and r.status in ("fail", "error")]
+                ran = [r for r in results if r.scenario == sc and r.status != "skip"]
+                cells.append(", ".join(_short(r) for r in hits) if hits else ("missed" if ran else "skip"))
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {'yes' if self.caught_by(name) else 'NO'} |")
+        return "\n".join(lines)
+
+    def margins(self) -> dict[str, Any]:
+        """Largest clean logprob error vs the smallest error of a case a mutation failed on logprobs."""
+        clean = [float(r.metrics.get("max_logprob_diff", 0.0)) for r in self.clean if r.status == "pass"]
+        caught: list[float] = []
+        token_failures = 0
+        for results in self.mutated.values():
+            for r in results:
+                d = r.first_divergence
+                if r.status != "fail" or not d or d.get("tolerated"):
+                    continue
+                if d.get("reason") == "logprob" and isinstance(d.get("logprob_diff"), float):
+                    caught.append(d["logprob_diff"])
+                else:
+                    token_failures += 1
+        return {"largest_clean_logprob_diff": max(clean, default=0.0),
+                "smallest_caught_logprob_diff": min(caught, default=math.inf),
+                "caught_by_token_or_length": token_failures,
+                "caught_by_error": sum(r.status == "error" for rs in self.mutated.values() for r in rs)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"matrix": self.matrix, "clean_passed": self.clean_passed, "passed": self.passed,
+                "caught": {m: [r.id for r in self.caught_by(m)] for m in self.mutated},
+                "margins": self.margins(),
+                "clean": [r.to_json() for r in self.clean],
+                "mutated": {m: [r.to_json() for r in rs] for m, rs in self.mutated.items()}}
+
+
+def _short(r: CaseResult) -> str:
+    return r.setup + ("!" if r.status == "error" else "")
+
+
+def run_matrix(options: RunOptions, planned: Sequence[PlannedCase], out: Path, label: str) -> list[CaseResult]:
+    store = ResultStore(out)
+    progress = Progress(len(planned))
+    print(f"selftest: {label} ({len(planned)} cases)", file=sys.stderr)
+    orchestrator = Orchestrator(options)
+    results = []
+    try:
+        for p in planned:
+            progress.begin(p.case.id)
+            result = orchestrator.run_case(p)
+            store.append(result)
+            progress.finish(p.case.id, result.status, result.seconds)
+            results.append(result)
+    finally:
+        orchestrator.close()
+    return results
+
+
+def selftest(matrix: Matrix, options: RunOptions, mutations: Sequence[str], out: Path,
+             runner: Callable[..., list[CaseResult]] = run_matrix) -> SelftestReport:
+    """Clean run first (it also fills the baseline cache), then one run per mutation."""
+    planned = plan(matrix, options)
+    report = SelftestReport(matrix.name, runner(options, planned, out / "clean", "clean"))
+    for name in mutations:
+        mutated = replace(options, mutation=name)
+        report.mutated[name] = runner(mutated, plan(matrix, mutated), out / name, f"mutation {name}")
+    write(report, out)
+    return report
+
+
+def write(report: SelftestReport, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "selftest.json").write_text(json.dumps(report.to_json(), indent=2, default=str))
+    margins = report.margins()
+    text = [f"# parity selftest: matrix {report.matrix}", "",
+            f"clean run: {'PASS' if report.clean_passed else 'FAIL'}; "
+            f"every mutation caught: {'yes' if all(report.caught_by(m) for m in report.mutated) else 'NO'}", "",
+            "Cells list the setups whose case of that scenario caught the mutation "
+            "(`!`: caught as an error, e.g. a shape check or a crash).", "", report.scenario_table(), "",
+            f"Largest clean |Δ logprob|: {margins['largest_clean_logprob_diff']:.2e}; smallest |Δ logprob| of a "
+            f"case caught on logprobs: {margins['smallest_caught_logprob_diff']:.2e}; caught by a token/length "
+            f"divergence: {margins['caught_by_token_or_length']}; caught as errors: {margins['caught_by_error']}.",
+            "", f"environment: {json.dumps(environment())}"]
+    (out / "selftest.md").write_text("\n".join(text) + "\n")
