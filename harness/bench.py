@@ -41,10 +41,13 @@ def main() -> None:
     timed_cases(base, setups, scenarios)  # fill the baseline cache, warm imports
     pooled = timed_cases(base, setups, scenarios)
     fresh = timed_cases(RunOptions(backend=args.backend, fresh_workers=True), setups, scenarios)
-    p, f = statistics.mean(pooled), statistics.mean(fresh)
-    print(f"{len(pooled)} cases ({','.join(setups)} x {','.join(scenarios)}), backend {args.backend}: "
-          f"warm pool {p:.2f} s/case (first case {pooled[0]:.2f} s, includes starting the pool), "
-          f"fresh workers {f:.2f} s/case; pool {f / p:.1f}x faster per case")
+    pm, fm = statistics.median(pooled), statistics.median(fresh)
+    pa, fa = statistics.mean(pooled), statistics.mean(fresh)
+    print(f"{len(pooled)} cases ({','.join(setups)} x {','.join(scenarios)}), backend {args.backend}:\n"
+          f"  pool:  median {pm:.2f} s/case, mean {pa:.2f} s/case (the mean includes starting one pool per "
+          f"world size: first cases {', '.join(f'{t:.1f}' for t in pooled[:2])} s)\n"
+          f"  fresh: median {fm:.2f} s/case, mean {fa:.2f} s/case\n"
+          f"  pool faster per case: {fm / pm:.1f}x (median), {fa / pa:.1f}x (mean, pool starts included)")
 
 
 if __name__ == "__main__":

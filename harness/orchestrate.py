@@ -216,8 +216,9 @@ class Orchestrator:
             requests = self.requests(case.scenario)
             base = self.baseline_outputs(case, requests)
             cand = self.candidate_outputs(case, requests)
-        except WorkerError as exc:
-            return CaseResult.for_case(case, "error", reason=str(exc), seconds=time.monotonic() - start)
+        except (WorkerError, RuntimeError, TimeoutError) as exc:  # a crash, a hang, no resources
+            return CaseResult.for_case(case, "error", reason=f"{type(exc).__name__}: {exc}",
+                                       seconds=time.monotonic() - start)
         verdict = compare(cand, base, self.options.policy, self.options.dtype)
         divergence = verdict.first_divergence.to_json() if verdict.first_divergence else None
         localization = None

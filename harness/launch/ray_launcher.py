@@ -40,8 +40,9 @@ PLACEMENT_TIMEOUT_S = 60.0
 # before their actors are killed anyway.
 CLOSE_TIMEOUT_S = 10.0
 # Logical CPUs reserved per rank on CPU: the tiny models keep a rank mostly idle (it waits on
-# gloo), so four ranks share this machine's two cores; Ray's CPU count is for scheduling only.
-DEFAULT_CPUS_PER_RANK = 0.25
+# gloo), and Ray's CPU count is for scheduling only. 0.1 lets two pytest-xdist workers each
+# hold a 2-rank and a 4-rank pool (2 x 6 x 0.1 = 1.2) plus a selftest's clean pools on 2 cores.
+DEFAULT_CPUS_PER_RANK = 0.1
 # Placement-group strategies Ray accepts; PACK keeps ranks on as few nodes as possible.
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Set in every actor: no hub lookups, no tokenizer threads, one OpenMP thread per rank.
@@ -138,7 +139,8 @@ def cluster_resources(free: bool = False) -> dict[str, float]:
     import ray
 
     query: Callable[[], dict[str, float]] = ray.available_resources if free else ray.cluster_resources
-    return query()
+    # Placement groups add a resource per bundle; only the real ones say anything to a reader.
+    return {k: v for k, v in query().items() if k in ("CPU", "GPU", "memory") or k.startswith("node:")}
 
 
 def _guarded(fn: Callable[..., Any], *args: Any) -> Reply:
