@@ -169,30 +169,10 @@ def test_sp_threshold_under_pp(launchers: dict[int, MpLauncher]) -> None:
 
 # -- these tests bite ------------------------------------------------------------------------------
 
-def middle_slice_from_zero(worker: object) -> None:
-    """vLLM #33322's bug: the Middle pattern takes residual[0:local_len] on every rank."""
-    import reference_impl.compile.sp_ops as sp_ops
-
-    sp_ops.local_rows = lambda rank, local_len: slice(0, local_len)
-
-
-def handoff_slice_not_gather(worker: object) -> None:
-    """vLLM #33322's PP bug: the token-sharded residual goes into rows [0:local_len] of the
-    hand-off buffer instead of being all-gathered."""
-    from reference_impl.parallel.pipeline import PipelineComm
-
-    def sliced(self: PipelineComm, residual: torch.Tensor) -> torch.Tensor:
-        full = residual.new_zeros((residual.shape[0] * self.state.tp, residual.shape[1]))
-        full[: residual.shape[0]] = residual
-        return full
-
-    PipelineComm.gather_residual = sliced  # type: ignore[method-assign]
-
-
 def test_middle_slice_bug_caught_by_embeds_and_multimodal_only() -> None:
     with MpLauncher(2) as launcher:
         baseline = {s: launcher.run(spec("tiny-llava", 2, 1, sp=False), scenario(s)) for s in SCENARIOS}
-        launcher.call("apply", f"{__name__}:middle_slice_from_zero")
+        launcher.call("mutate", "sp-middle-residual-slice")  # vLLM #33322, harness.mutations
         caught = {s: bool(differences(launcher.run(spec("tiny-llava", 2, 1, sp=True), scenario(s)), baseline[s]))
                   for s in SCENARIOS}
     assert caught == {"text": False, "prompt_embeds": True, "multimodal": True, "mixed": True}, caught
@@ -202,6 +182,6 @@ def test_pp_handoff_slice_bug_caught_by_pp_sp() -> None:
     with MpLauncher(4) as launcher:
         reqs = scenario("text")
         want = launcher.run(spec("tiny-llava", 2, 2, sp=False), reqs)
-        launcher.call("apply", f"{__name__}:handoff_slice_not_gather")
+        launcher.call("mutate", "pp-handoff-residual-slice")
         assert not differences(launcher.run(spec("tiny-llava", 2, 2, sp=False), reqs), want)  # no SP: unaffected
         assert differences(launcher.run(spec("tiny-llava", 2, 2, sp=True), reqs), want)

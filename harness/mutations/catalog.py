@@ -77,12 +77,12 @@ _MUTATIONS = [
         "token-count-not-padded-to-tp", "class", True,
         "Step token counts are padded to buckets that are not multiples of tp.",
         """Sequence parallelism splits a step's tokens evenly over the TP ranks, so every padded
-        step size must be a multiple of ``tp``. With unrounded buckets an odd-sized step (a single
-        decoding sequence: one token) cannot be split: the SP pass skips that graph while the
-        runner, which believes every step at or above the threshold is sequence-parallel,
-        all-gathers a full residual at the pipeline hand-off (an error), or a fixed-split kernel
-        reads wrong rows. Exposed by SP with a compiled mode, PP > 1 (or tp > 2) and a step
-        whose real token count is not a multiple of ``tp``.""",
+        step size must be a multiple of ``tp``. With unrounded buckets a step of another size (a
+        lone decoding sequence: one token) cannot be split: the SP pass leaves that graph alone,
+        while the runner's hand-off predicate, which takes every step at or above the SP
+        threshold to be sequence-parallel, all-gathers a residual that is already full length,
+        and the pipeline hand-off fails. Exposed by SP in a compiled mode with PP > 1 and a step
+        whose real token count is not a multiple of ``tp`` (at tp2: a one-token step).""",
     ),
     _mutation(
         "all-gather-reversed-order", "class", True,
@@ -133,10 +133,10 @@ _MUTATIONS = [
         "The SP replacements run RMSNorm with a hard-coded epsilon of 1e-6.",
         """The sequence-parallel replacements must normalise with the epsilon the pattern matched
         (the model's ``rms_norm_eps``). A replacement that hard-codes 1e-6 changes every norm it
-        rewrites, but the change is only visible when the norm's input has a mean square not far
-        above epsilon: a model with small embeddings (tiny-llava, mean square ~1.6e-5, epsilon
-        3e-6) under SP in a compiled mode, with the embedding inside the graph (First pattern).
-        Models whose epsilon is 1e-6 cannot expose it.""",
+        rewrites, but the change is only visible when the epsilon is not negligible against the
+        norm's input mean square: tiny-llava (epsilon 1e-2, residual mean square ~0.1, so every
+        SP-rewritten norm moves by ~5%) under SP in a compiled mode. Models whose epsilon is
+        1e-6 or 1e-5 cannot expose it, which is how such a bug survives.""",
     ),
     _mutation(
         "row-parallel-bias-per-rank", "class", True,

@@ -46,12 +46,6 @@ def restore_all(worker: object = None) -> list[str]:
     return restored
 
 
-def is_patched(owner: object, attr: str) -> bool:
-    """Has a patch of this process replaced ``owner.attr``?"""
-    key = (owner, attr)
-    return key in _ORIGINALS and getattr(owner, attr) is not _ORIGINALS[key]
-
-
 # -- 1-3: sequence parallelism and the pipeline hand-off (vLLM #33322, #55464) ---------------------
 
 def sp_middle_residual_slice(worker: object) -> None:

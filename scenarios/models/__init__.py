@@ -26,6 +26,9 @@ LM_HEAD_STD = 1.0
 # at 0.3 all three models produce varied tokens (measured: 21-24 distinct of 24 greedy tokens)
 # with the smallest top-1/top-2 logprob gap seen ~0.03, far above fp32 noise.
 INIT_STD = 0.3
+# Attention biases (Qwen2 q/k/v, tiny-llava q/k/v/o): nonzero, about a third of a typical
+# projection output, so a bias applied twice or on the wrong shard changes the outputs.
+BIAS_STD = 0.1
 # tiny-llava's RMSNorm epsilon: large enough against the residual stream's mean square (~0.1)
 # that an engine using another epsilon than the config's (say a hard-coded 1e-6) moves every
 # normed activation by ~5% and cannot pass; with the usual 1e-6..1e-5 such a bug is invisible.
@@ -47,7 +50,7 @@ class TinyModelSpec:
         import transformers
 
         blob = json.dumps(
-            [asdict(self), LM_HEAD_STD, transformers.__version__.split(".")[0]],
+            [asdict(self), LM_HEAD_STD, BIAS_STD, transformers.__version__.split(".")[0]],
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -119,7 +122,13 @@ def _redraw(weight: Any, std: float, seed: int) -> None:
 
 
 def _peak(model: Any, spec: TinyModelSpec) -> None:
-    """Re-draw the output projection with ``LM_HEAD_STD`` so greedy choices are not near-ties."""
+    """Re-draw the output projection with ``LM_HEAD_STD`` so greedy choices are not near-ties,
+    and the decoder's attention biases with ``BIAS_STD`` (transformers starts them at zero,
+    which would hide every bias bug: a zero bias added tp times is still zero)."""
+    biases = [p for name, p in model.named_parameters()
+              if name.endswith(".bias") and "self_attn" in name and "vision" not in name]
+    for i, bias in enumerate(biases):
+        _redraw(bias, BIAS_STD, spec.seed + 3000 + i)
     _redraw(model.get_output_embeddings().weight, LM_HEAD_STD, spec.seed + 1000)
 
 
