@@ -43,6 +43,10 @@ def _run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     matrix = get_matrix(args.matrix)
+    if args.mutation:
+        from harness.mutations import get_mutation
+
+        get_mutation(args.mutation)
     options = RunOptions(
         backend=args.backend, device=args.device or matrix.device, dtype=args.dtype or matrix.dtype,
         baseline=args.baseline, model=args.model, fresh_workers=args.fresh_workers,

@@ -28,7 +28,7 @@ def merge_captures(per_rank: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, 
 
 
 def _layers(captured: Mapping[str, torch.Tensor]) -> list[int]:
-    return sorted({int(k.split(".")[0]) for k in captured if k != "num_tokens"})
+    return sorted({int(k.split(".")[0]) for k in captured if k[0].isdigit()})
 
 
 def row_errors(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,12 @@ def _skip_reason(case: Case, cfg: Any, limit: int | None) -> str | None:
     return None
 
 
+def _requests_of(rows: list[int], captured: dict[str, Any]) -> list[int]:
+    """Indices of the requests whose prompt rows (per the capture's offsets) include ``rows``."""
+    offsets = [int(x) for x in captured.get("offsets", [])]
+    return sorted({i for r in rows for i in range(len(offsets) - 1) if offsets[i] <= r < offsets[i + 1]})
+
+
 def shard(planned: list[PlannedCase], index: int, count: int) -> list[PlannedCase]:
     """Cases ``index, index + count, ...`` (``--shard I/N`` with 0 <= I < N)."""
     if not 0 <= index < count:
@@ -155,11 +161,11 @@ class LauncherPool:
             if self.fresh_workers and self.backend == "mp" and setup.world_size > 1:
                 self.drop(setup.world_size)
 
-    def capture(self, setup: ParallelSetup, checkpoint: str, request: Request) -> list[dict[str, Any]]:
-        """Every rank's activations of ``request``'s prefill under ``setup``."""
+    def capture(self, setup: ParallelSetup, checkpoint: str, requests: list[Request]) -> list[dict[str, Any]]:
+        """Every rank's activations of the requests' prefill under ``setup``."""
         launcher = self.get(setup.world_size)
         try:
-            out: list[dict[str, Any]] = launcher.call("capture", setup.engine_spec(checkpoint), request)
+            out: list[dict[str, Any]] = launcher.call("capture", setup.engine_spec(checkpoint), requests)
         except WorkerError:
             self.drop(setup.world_size)
             raise
@@ -231,17 +237,18 @@ class Orchestrator:
         )
 
     def localize(self, case: Case, requests: list[Request], request_id: str) -> dict[str, Any] | None:
-        """Replay the failing request's prefill with capture on both sides (not for ``hf``)."""
+        """Replay the batch's prefill (the failing request with the requests it was batched with)
+        in one step with capture on both sides (not for ``hf``)."""
         if isinstance(case.baseline, str):
             return {"note": "no localization against the transformers baseline (no activation capture)"}
-        request = next(r for r in requests if r.request_id == request_id)
         try:
-            cand = merge_captures(self.pool.capture(case.setup, self.checkpoint, request))
-            base = merge_captures(self.baseline_pool.capture(case.baseline, self.checkpoint, request))
-        except WorkerError as exc:
+            cand = merge_captures(self.pool.capture(case.setup, self.checkpoint, requests))
+            base = merge_captures(self.baseline_pool.capture(case.baseline, self.checkpoint, requests))
+        except (WorkerError, RuntimeError) as exc:
             return {"note": f"localization replay failed: {str(exc).splitlines()[0]}", "error": str(exc)}
         result = localize(cand, base, case.setup.tp, self.options.dtype)
-        result["request_id"] = request_id
+        result["failing_request"] = request_id
+        result["row_requests"] = sorted({requests[i].request_id for i in _requests_of(result["rows"], cand)})
         return result
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ single-device runner uses ``LocalComm``, which does nothing.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -170,28 +171,35 @@ class Runner:
         logits = self.model.compute_logits(out[: batch.metadata.num_real_tokens])
         return list(torch.split(logits, [s.prompt_len for s in seqs]))
 
-    def capture_prefill(self, request: Request) -> dict[str, torch.Tensor]:
-        """Replay ``request``'s prefill as one step with activation capture on; returns this
-        stage's ``"<layer>.hidden_states"`` / ``"<layer>.residual"`` (prompt_len, H) tensors
-        (full length, padding removed) and ``"num_tokens"`` (the padded step size)."""
+    def capture_prefill(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        """Replay the requests' prefills as one step (the same batch composition, unchunked)
+        with activation capture on. Returns this stage's ``"<layer>.hidden_states"`` /
+        ``"<layer>.residual"`` (real_tokens, H) tensors (full length, padding removed),
+        ``"num_tokens"`` (the padded step size) and ``"offsets"`` (each request's first row, then
+        the end)."""
         from reference_impl import capture
 
-        validate_request(request, self.model.cfg, self.max_model_len, self.dtype)
+        if len(requests) > self.config.max_num_seqs:
+            raise ValueError(f"{len(requests)} requests exceed max_num_seqs={self.config.max_num_seqs}")
+        for req in requests:
+            validate_request(req, self.model.cfg, self.max_model_len, self.dtype)
+        seqs = [self._admit(req) for req in requests]
+        for slot, seq in enumerate(seqs):
+            seq.slot = slot
+        real = sum(s.prompt_len for s in seqs)
         layers = self.model.model.decoder_layers()
         capture.STORE.clear()
         for layer in layers:
             layer.capture = True
         try:
-            seq = self._admit(request)
-            seq.slot = 0
-            batch_tokens = self.pad_tokens(seq.prompt_len)
-            self.step([Chunk(seq, 0, seq.prompt_len)])
+            self.step([Chunk(s, 0, s.prompt_len) for s in seqs])
         finally:
             for layer in layers:
                 layer.capture = False
-        out = {k: v[: seq.prompt_len] for k, v in capture.STORE.items()}
-        out["num_tokens"] = torch.tensor(batch_tokens)
+        out = {k: v[:real] for k, v in capture.STORE.items()}
         capture.STORE.clear()
+        out["num_tokens"] = torch.tensor(self.pad_tokens(real))
+        out["offsets"] = torch.tensor([0] + list(itertools.accumulate(s.prompt_len for s in seqs)))
         return out
 
     def step(self, chunks: list[Chunk]) -> None:

@@ -65,10 +65,10 @@ class Worker:
         outputs = self.runner(spec).generate(requests)
         return outputs if self.rank == 0 else None
 
-    def capture(self, spec: EngineSpec, request: Request) -> dict[str, torch.Tensor]:
-        """This rank's activations of ``request``'s prefill (TP rank 0 of each stage answers;
+    def capture(self, spec: EngineSpec, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        """This rank's activations of the requests' prefill (TP rank 0 of each stage answers;
         the others return nothing, their tensors being the same after the gather)."""
-        captured = self.runner(spec).capture_prefill(request)
+        captured = self.runner(spec).capture_prefill(requests)
         tp_rank = self.rank % spec.tp
         return captured if tp_rank == 0 else {}
 
