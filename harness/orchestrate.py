@@ -37,6 +37,7 @@ class RunOptions:
     fresh_workers: bool = False
     mutation: str | None = None
     use_baseline_cache: bool = True
+    localize: bool = True  # replay a failing case with activation capture (selftest turns it off)
 
     def __post_init__(self) -> None:
         if self.backend not in ("ray", "mp"):
@@ -228,7 +229,7 @@ class Orchestrator:
         verdict = compare(cand, base, self.options.policy, self.options.dtype)
         divergence = verdict.first_divergence.to_json() if verdict.first_divergence else None
         localization = None
-        if not verdict.passed and divergence is not None:
+        if not verdict.passed and divergence is not None and self.options.localize:
             localization = self.localize(case, requests, divergence["request_id"])
         return CaseResult.for_case(
             case, "pass" if verdict.passed else "fail", reason="" if verdict.passed else verdict.message(),
