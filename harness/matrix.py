@@ -28,8 +28,9 @@ _SP_PAIRS = ("tp2-sp-graph-full", "tp2-sp-graph-piecewise", "tp2-pp2-sp-graph-fu
 MATRICES: dict[str, Matrix] = {
     m.name: m for m in (
         Matrix("smoke", "PR gate, minutes on 2 CPU cores: TP, TP+PP and their SP variants, both partitions, "
-               "and tp4 (KV heads replicated: tiny-llava has 2)",
-               ("tp2-eager", "tp2-pp2-eager", "tp4-eager") + _SP_PAIRS),
+               "tp4 (KV heads replicated: tiny-llava has 2) and PP+SP with an SP token threshold between "
+               "the prefill and decode step sizes (vLLM's tests force it to 0)",
+               ("tp2-eager", "tp2-pp2-eager", "tp4-eager") + _SP_PAIRS + ("tp2-pp2-sp-graph-full-spmin16",)),
         Matrix("nightly", "the full cross product that fits the device",
                ("tp2-eager", "tp4-eager", "tp1-pp2-eager", "tp2-pp2-eager", "tp2-graph-full",
                 "tp4-sp-graph-full", "tp2-sp-inductor-full", "tp2-pp2-sp-inductor-full",
