@@ -358,7 +358,7 @@ def test_ops_are_registered() -> None:
 
 def test_registration_is_idempotent() -> None:
     importlib.reload(sys.modules[OPS_MODULE])  # would raise if it defined the ops again
-    x, residual, weight = make_inputs((2, 16), torch.float32)
+    x, residual, weight = (t.cpu() for t in make_inputs((2, 16), torch.float32))  # the torch path
     assert_bitwise_equal(
         torch.ops.parity.rms_norm(x, weight, DEFAULT_EPS), rms_norm_ref(x, weight, DEFAULT_EPS),
         "rms_norm after reload",
