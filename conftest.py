@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -30,10 +29,3 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoints() -> dict[str, Path]:
-    from scenarios.models import MODELS, checkpoint
-
-    return {name: checkpoint(name) for name in MODELS}

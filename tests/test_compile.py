@@ -3,20 +3,18 @@ same setup with SP off, the SP token threshold under PP, and proof that these te
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
 import pytest
-import torch
 
 from harness.launch import MpLauncher
+from harness.scenario import get_scenario
 from reference_impl.compile import CompileConfig
 from reference_impl.config import load_config
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 from reference_impl.runner import EngineConfig
-from scenarios import inputs
 from scenarios.models import checkpoint
 
 # SP vs SP-off, fp32: SP computes each norm on the same rows with the same kernel and replaces
@@ -30,26 +28,9 @@ AR, RS, AG = (f"_c10d_functional.{op}.default" for op in ("all_reduce", "reduce_
                                                           "all_gather_into_tensor"))
 
 
-@pytest.fixture(scope="module")
-def launchers() -> Iterator[dict[int, MpLauncher]]:
-    pool = {2: MpLauncher(2), 4: MpLauncher(4)}
-    yield pool
-    for launcher in pool.values():
-        launcher.close()
-
-
 @cache
 def scenario(name: str, model: str = "tiny-llava") -> list[Request]:
-    ckpt = checkpoint(model)
-    cfg, spec = load_config(ckpt), inputs.InputSpec(max_new_tokens=8)
-    table = inputs.embedding_table(ckpt)
-    if name == "text":
-        return inputs.text(cfg, spec)
-    if name == "prompt_embeds":
-        return inputs.prompt_embeds(cfg, table, spec, torch.float32)
-    if name == "multimodal":
-        return inputs.multimodal(cfg, spec)
-    return inputs.mixed(cfg, table, spec, torch.float32)
+    return get_scenario(name).requests(checkpoint(model), "float32", max_new_tokens=8)
 
 
 def spec(model: str, tp: int, pp: int, sp: bool, mode: str = "graph", partition: str = "full",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import cache
 
 import pytest
@@ -28,14 +27,6 @@ SETUPS = {"tp2": (2, 1), "pp2": (1, 2), "tp2-pp2": (2, 2), "tp4": (4, 1)}
 MODELS = ("tiny-llama", "tiny-qwen2", "tiny-llava")
 # A small step budget so the 70-token prompt is chunked and steps mix prefill with decode.
 ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=24)
-
-
-@pytest.fixture(scope="module")
-def launchers() -> Iterator[dict[int, MpLauncher]]:
-    pool = {2: MpLauncher(2), 4: MpLauncher(4)}
-    yield pool
-    for launcher in pool.values():
-        launcher.close()
 
 
 @cache
