@@ -39,7 +39,8 @@ MATRICES: dict[str, Matrix] = {
             "tp2-eager", "tp2-sp-graph-full", "tp2-sp-graph-piecewise", "tp2-sp-inductor-full",
             "tp2-sp-inductor-piecewise"), device="cuda", dtype="bfloat16"),
         Matrix("gpu4", "four GPUs: TP x PP with SP, graph and inductor", (
-            "tp2-pp2-eager", "tp2-pp2-sp-graph-full", "tp2-pp2-sp-inductor-full",
+            "tp2-pp2-eager", "tp2-pp2-graph-full", "tp2-pp2-inductor-full",
+            "tp2-pp2-sp-graph-full", "tp2-pp2-sp-inductor-full",
             "tp2-pp2-sp-graph-piecewise", "tp2-pp2-sp-inductor-piecewise"), device="cuda", dtype="bfloat16"),
     )
 }
