@@ -28,8 +28,17 @@ class SelftestReport:
     def clean_passed(self) -> bool:
         return all(r.status in ("pass", "skip") for r in self.clean)
 
+    @property
+    def clean_failures(self) -> set[str]:
+        """Ids of the cases that already fail clean: their failures under a mutation prove nothing."""
+        return {r.id for r in self.clean if r.status in ("fail", "error")}
+
+    def _hits(self, results: Sequence[CaseResult]) -> list[CaseResult]:
+        bad = self.clean_failures
+        return [r for r in results if r.status in ("fail", "error") and r.id not in bad]
+
     def caught_by(self, mutation: str) -> list[CaseResult]:
-        return [r for r in self.mutated[mutation] if r.status in ("fail", "error")]
+        return self._hits(self.mutated[mutation])
 
     @property
     def passed(self) -> bool:
@@ -43,8 +52,9 @@ class SelftestReport:
         for name, results in self.mutated.items():
             cells = []
             for sc in scenarios:
-                hits = [r for r in results if r.scenario == sc and r.status in ("fail", "error")]
-                ran = [r for r in results if r.scenario == sc and r.status != "skip"]
+                hits = self._hits([r for r in results if r.scenario == sc])
+                ran = [r for r in results
+                       if r.scenario == sc and r.status != "skip" and r.id not in self.clean_failures]
                 cells.append(", ".join(_short(r) for r in hits) if hits else ("missed" if ran else "skip"))
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {'yes' if self.caught_by(name) else 'NO'} |")
         return "\n".join(lines)
@@ -55,7 +65,7 @@ class SelftestReport:
         caught: list[float] = []
         token_failures = 0
         for results in self.mutated.values():
-            for r in results:
+            for r in self._hits(results):
                 d = r.first_divergence
                 if r.status != "fail" or not d or d.get("tolerated"):
                     continue
@@ -66,7 +76,7 @@ class SelftestReport:
         return {"largest_clean_logprob_diff": max(clean, default=0.0),
                 "smallest_caught_logprob_diff": min(caught, default=math.inf),
                 "caught_by_token_or_length": token_failures,
-                "caught_by_error": sum(r.status == "error" for rs in self.mutated.values() for r in rs)}
+                "caught_by_error": sum(r.status == "error" for rs in self.mutated.values() for r in self._hits(rs))}
 
     def to_json(self) -> dict[str, Any]:
         return {"matrix": self.matrix, "clean_passed": self.clean_passed, "passed": self.passed,
@@ -118,7 +128,8 @@ def write(report: SelftestReport, out: Path) -> None:
             f"clean run: {'PASS' if report.clean_passed else 'FAIL'}; "
             f"every mutation caught: {'yes' if all(report.caught_by(m) for m in report.mutated) else 'NO'}", "",
             "Cells list the setups whose case of that scenario caught the mutation "
-            "(`!`: caught as an error, e.g. a shape check or a crash).", "", report.scenario_table(), "",
+            "(`!`: caught as an error, e.g. a shape check or a crash); a case that fails clean is not counted.",
+            "", report.scenario_table(), "",
             f"Largest clean |Δ logprob|: {margins['largest_clean_logprob_diff']:.2e}; smallest |Δ logprob| of a "
             f"case caught on logprobs: {margins['smallest_caught_logprob_diff']:.2e}; caught by a token/length "
             f"divergence: {margins['caught_by_token_or_length']}; caught as errors: {margins['caught_by_error']}.",

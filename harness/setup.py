@@ -87,12 +87,20 @@ class ParallelSetup:
         return replace(self, sp=False, sp_min_tokens=0)
 
     def single_device(self) -> ParallelSetup:
-        """Single-device eager with this setup's batching, dtype and device."""
-        return ParallelSetup(chunked_prefill=self.chunked_prefill, dtype=self.dtype, device=self.device)
+        """This setup at tp=1, pp=1: same compile mode, partition, batching, dtype and device."""
+        return replace(self, tp=1, pp=1, sp=False, sp_min_tokens=0)
 
     def auto_baseline(self) -> ParallelSetup:
-        """``--baseline auto``: SP setups against SP off; TP/PP setups against single-device eager."""
-        return self.baseline() if self.sp else self.single_device()
+        """``--baseline auto``: the setup with exactly one feature taken away, so that a failure
+        points at that feature. SP setups against SP off; TP/PP setups against one device with the
+        same compile mode (a compiled TP setup against eager would mix compiler numerics into the
+        parallelism check: inductor in bf16 rounds differently from eager); a one-device compiled
+        setup against one-device eager."""
+        if self.sp:
+            return self.baseline()
+        if self.world_size > 1:
+            return self.single_device()
+        return replace(self, compile="eager", partition="full")
 
     def engine_spec(self, checkpoint: str) -> EngineSpec:
         return EngineSpec(

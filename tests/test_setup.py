@@ -53,6 +53,17 @@ def test_baseline_changes_only_sp() -> None:
     assert ParallelSetup(tp=2, pp=2).auto_baseline().id == "tp1-pp1-eager"
 
 
+def test_auto_baseline_takes_away_one_feature() -> None:
+    chain = []
+    setup = ParallelSetup.parse("tp2-pp2-sp-inductor-piecewise-nochunk", "bfloat16", "cuda")
+    while setup.id != "tp1-pp1-eager-nochunk":
+        setup = setup.auto_baseline()
+        chain.append(setup.id)
+        assert (setup.dtype, setup.device, setup.chunked_prefill) == ("bfloat16", "cuda", False)
+    assert chain == ["tp2-pp2-inductor-piecewise-nochunk", "tp1-pp1-inductor-piecewise-nochunk",
+                     "tp1-pp1-eager-nochunk"]
+
+
 def test_engine_spec_carries_everything() -> None:
     s = ParallelSetup.parse("tp2-pp2-sp-graph-piecewise-spmin16")
     spec = s.engine_spec("/ckpt")
