@@ -94,10 +94,10 @@ def _selftest(args: argparse.Namespace) -> int:
     names = _csv(args.mutations) or list(CATALOG)
     for name in names:
         get_mutation(name)
-    # Localization replays would double the time of every caught case; the catalog's
-    # localizations are checked by tests/test_detection.py and shown by `parity run --mutation`.
+    # Localization replays add a prefill capture on both sides of every case (off by default);
+    # the catalog's localizations are checked by tests/test_detection.py either way.
     options = RunOptions(backend=args.backend, device=args.device or matrix.device, dtype=matrix.dtype,
-                         model=args.model, seed=args.seed, localize=False)
+                         model=args.model, seed=args.seed, localize=args.localize)
     report = selftest(matrix, options, names, Path(args.out))
     print(report.scenario_table())
     print(f"clean run {'passed' if report.clean_passed else 'FAILED'}; "
@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--backend", default="ray", choices=["ray", "mp"])
     st.add_argument("--device", choices=["cpu", "cuda"], help="default: the matrix's")
     st.add_argument("--seed", type=int, default=0, help="input seed of the scenarios")
+    st.add_argument("--localize", action="store_true",
+                    help="also replay every case's prefill with activation capture: localize the caught cases "
+                         "and measure clean activation errors (the localizer tolerance's margins); slower")
     st.add_argument("--out", default="parity-selftest", help="output directory (default: parity-selftest)")
     st.set_defaults(func=_selftest)
 

@@ -54,10 +54,10 @@ FLOAT32_LOGPROB_ATOL = 1e-3
 # eager differs by up to 0.285 (row-parallel partial sums are rounded to bf16 on each rank before
 # the all-reduce; one matmul accumulates in fp32), SP vs SP-off by 0.0; on 4 H200s
 # (docs/results/gpu-h200x4.md) tp2 x pp2 vs one device by up to 0.285 eager and 0.308 inductor,
-# PP+SP vs PP by 0.0. 0.5 leaves 1.6x headroom over the largest; gross bugs (wrong shard or rank order, dropped residual) move logprobs by whole nats
-# or flip tokens out of the top-k and still fail. Subtler bugs (~0.1) are the fp32 runs' job. At
-# bf16, near-ties can legitimately flip the greedy token; the logprobs policy tolerates that
-# through its top-k rule, not through this atol.
+# PP+SP vs PP by 0.0. 0.5 leaves 1.6x headroom over the largest; gross bugs (wrong shard or rank
+# order, dropped residual) move logprobs by whole nats or flip tokens out of the top-k and still
+# fail. Subtler bugs (~0.1) are the fp32 runs' job. At bf16, near-ties can legitimately flip the
+# greedy token; the logprobs policy tolerates that through its top-k rule, not through this atol.
 BFLOAT16_LOGPROB_ATOL = 0.5
 
 TOLERANCES: dict[str, Tolerance] = {

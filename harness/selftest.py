@@ -73,7 +73,21 @@ class SelftestReport:
                     caught.append(d["logprob_diff"])
                 else:
                     token_failures += 1
+        clean_act = [float(r.metrics["activation_error"]) for r in self.clean
+                     if r.metrics.get("activation_error") is not None]
+        caught_act: list[float] = []
+        invisible = 0
+        for results in self.mutated.values():
+            for r in self._hits(results):
+                loc = r.localization or {}
+                if loc.get("layer") is not None and loc.get("per_layer_error"):
+                    caught_act.append(max(loc["per_layer_error"]))
+                elif loc:
+                    invisible += 1
         return {"largest_clean_logprob_diff": max(clean, default=0.0),
+                "largest_clean_activation_error": max(clean_act, default=None),
+                "smallest_caught_activation_error": min(caught_act, default=None),
+                "caught_not_visible_in_prefill": invisible,
                 "smallest_caught_logprob_diff": min(caught, default=math.inf),
                 "caught_by_token_or_length": token_failures,
                 "caught_by_error": sum(r.status == "error" for rs in self.mutated.values() for r in self._hits(rs))}
@@ -84,6 +98,10 @@ class SelftestReport:
                 "margins": self.margins(),
                 "clean": [r.to_json() for r in self.clean],
                 "mutated": {m: [r.to_json() for r in rs] for m, rs in self.mutated.items()}}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2e}"
 
 
 def _short(r: CaseResult) -> str:
@@ -100,12 +118,24 @@ def run_matrix(options: RunOptions, planned: Sequence[PlannedCase], out: Path, l
         for p in planned:
             progress.begin(p.case.id)
             result = orchestrator.run_case(p)
+            if options.localize and result.status == "pass":
+                result.metrics["activation_error"] = clean_activation_error(orchestrator, p)
             store.append(result)
             progress.finish(p.case.id, result.status, result.seconds)
             results.append(result)
     finally:
         orchestrator.close()
     return results
+
+
+def clean_activation_error(orchestrator: Orchestrator, planned: PlannedCase) -> float | None:
+    """The largest per-layer activation error (``localize``'s measure) between a passing case's
+    candidate and baseline prefill: what the localizer's tolerance must stay above."""
+    case = planned.case
+    requests = orchestrator.requests(case.scenario)
+    loc = orchestrator.localize(case, requests, requests[0].request_id)
+    errors = (loc or {}).get("per_layer_error")
+    return max(errors) if errors else None
 
 
 def selftest(matrix: Matrix, options: RunOptions, mutations: Sequence[str], out: Path,
@@ -133,5 +163,12 @@ def write(report: SelftestReport, out: Path) -> None:
             f"Largest clean |Δ logprob|: {margins['largest_clean_logprob_diff']:.2e}; smallest |Δ logprob| of a "
             f"case caught on logprobs: {margins['smallest_caught_logprob_diff']:.2e}; caught by a token/length "
             f"divergence: {margins['caught_by_token_or_length']}; caught as errors: {margins['caught_by_error']}.",
-            "", f"environment: {json.dumps(environment())}"]
+            ""]
+    if margins["largest_clean_activation_error"] is not None:
+        text += [f"Activations (localizer, relative per-layer error): largest clean "
+                 f"{margins['largest_clean_activation_error']:.2e}; smallest of a localized caught case "
+                 f"{_fmt(margins['smallest_caught_activation_error'])}; caught cases whose prefill "
+                 f"activations all agree (the bug is in decode or the hand-off of later steps): "
+                 f"{margins['caught_not_visible_in_prefill']}.", ""]
+    text += [f"environment: {json.dumps(environment())}"]
     (out / "selftest.md").write_text("\n".join(text) + "\n")

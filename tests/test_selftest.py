@@ -78,3 +78,26 @@ def test_a_case_that_fails_clean_catches_nothing(tmp_path: Path) -> None:
     assert [r.id for r in report.caught_by("b")] == ["m/tp2-eager-mixed"]
     assert report.margins()["smallest_caught_logprob_diff"] == 2.0
     assert report.scenario_table().splitlines()[2].startswith("| a | missed | missed | NO |")
+
+
+def test_activation_margins_from_localizations(tmp_path: Path) -> None:
+    """With ``--localize``: the largest clean activation error against the smallest of a localized catch."""
+    def run(options: RunOptions, planned: Sequence[PlannedCase], out: Path, label: str) -> list[CaseResult]:
+        results = []
+        for i, p in enumerate(planned):
+            r = _result(p.case.setup.id, p.case.scenario, "pass" if options.mutation is None or i else "fail", 0.2)
+            if options.mutation is None:
+                r.metrics["activation_error"] = 1e-6 * (i + 1)
+            elif r.status == "fail":
+                found = options.mutation == "a"
+                r.localization = {"layer": 0 if found else None, "per_layer_error": [0.4 if found else 1e-6, 0.1]}
+            results.append(r)
+        return results
+
+    report = selftest(MATRIX, RunOptions(backend="mp", localize=True), ("a", "b"), tmp_path, runner=run)
+    margins = report.margins()
+    assert margins["largest_clean_activation_error"] == 4e-6
+    assert margins["smallest_caught_activation_error"] == 0.4
+    assert margins["caught_not_visible_in_prefill"] == 1
+    assert "largest clean 4.00e-06; smallest of a localized caught case 4.00e-01" in (
+        tmp_path / "selftest.md").read_text()
