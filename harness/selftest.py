@@ -60,19 +60,22 @@ class SelftestReport:
         return "\n".join(lines)
 
     def margins(self) -> dict[str, Any]:
-        """Largest clean logprob error vs the smallest error of a case a mutation failed on logprobs."""
+        """Largest clean logprob error vs the smallest error of a case a mutation failed on logprobs
+        (a case's error: the largest |Δ logprob| it showed, at its first divergence or later)."""
         clean = [float(r.metrics.get("max_logprob_diff", 0.0)) for r in self.clean if r.status == "pass"]
-        caught: list[float] = []
+        caught: list[tuple[float, str]] = []
         token_failures = 0
-        for results in self.mutated.values():
+        for name, results in self.mutated.items():
             for r in self._hits(results):
                 d = r.first_divergence
                 if r.status != "fail" or not d or d.get("tolerated"):
                     continue
                 if d.get("reason") == "logprob" and isinstance(d.get("logprob_diff"), float):
-                    caught.append(d["logprob_diff"])
+                    error = max(d["logprob_diff"], float(r.metrics.get("max_logprob_diff", 0.0)))
+                    caught.append((error, f"{name}: {r.id}"))
                 else:
                     token_failures += 1
+        weakest = min(caught, default=(math.inf, ""))
         clean_act = [float(r.metrics["activation_error"]) for r in self.clean
                      if r.metrics.get("activation_error") is not None]
         caught_act: list[float] = []
@@ -88,7 +91,7 @@ class SelftestReport:
                 "largest_clean_activation_error": max(clean_act, default=None),
                 "smallest_caught_activation_error": min(caught_act, default=None),
                 "caught_not_visible_in_prefill": invisible,
-                "smallest_caught_logprob_diff": min(caught, default=math.inf),
+                "smallest_caught_logprob_diff": weakest[0], "weakest_logprob_catch": weakest[1],
                 "caught_by_token_or_length": token_failures,
                 "caught_by_error": sum(r.status == "error" for rs in self.mutated.values() for r in self._hits(rs))}
 
@@ -161,7 +164,8 @@ def write(report: SelftestReport, out: Path) -> None:
             "(`!`: caught as an error, e.g. a shape check or a crash); a case that fails clean is not counted.",
             "", report.scenario_table(), "",
             f"Largest clean |Δ logprob|: {margins['largest_clean_logprob_diff']:.2e}; smallest |Δ logprob| of a "
-            f"case caught on logprobs: {margins['smallest_caught_logprob_diff']:.2e}; caught by a token/length "
+            f"case caught on logprobs: {margins['smallest_caught_logprob_diff']:.2e} "
+            f"({margins['weakest_logprob_catch'] or 'none'}); caught by a token/length "
             f"divergence: {margins['caught_by_token_or_length']}; caught as errors: {margins['caught_by_error']}.",
             ""]
     if margins["largest_clean_activation_error"] is not None:
