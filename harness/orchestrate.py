@@ -172,6 +172,16 @@ class LauncherPool:
             raise
         return out
 
+    def devices_to_start(self, world_size: int) -> int:
+        """Devices that ``get(world_size)`` would newly reserve (0: held already, or in-process)."""
+        if world_size in self._launchers or (world_size == 1 and self.mutation is None):
+            return 0
+        return world_size
+
+    def devices_held(self) -> int:
+        """Devices reserved by this pool's rank processes (the in-process launcher reserves none)."""
+        return sum(ws for ws, launcher in self._launchers.items() if ws > 1 or self.mutation is not None)
+
     def drop(self, world_size: int) -> None:
         launcher = self._launchers.pop(world_size, None)
         if launcher is not None:
@@ -208,12 +218,26 @@ class Orchestrator:
         if isinstance(case.baseline, str):
             outputs = hf_generate(self.checkpoint, requests, self.options.dtype, self.options.device)
         else:
+            self._make_room(self.baseline_pool, case.baseline)
             outputs = self.baseline_pool.run(case.baseline, self.checkpoint, requests)
         self.cache.put(key, outputs)
         return outputs
 
     def candidate_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
+        self._make_room(self.pool, case.setup)
         return self.pool.run(case.setup, self.checkpoint, requests)
+
+    def _make_room(self, user: LauncherPool, setup: ParallelSetup) -> None:
+        """Under a mutation the mutated and the clean pool each keep rank processes; on GPUs both
+        may not fit (tp2 x pp2 twice on 4 GPUs), so the other pool's ranks go first (it restarts
+        them, re-applying its mutation, when it next needs them)."""
+        if self.baseline_pool is self.pool or self.options.device != "cuda":
+            return
+        other = self.baseline_pool if user is self.pool else self.pool
+        limit = available_devices(self.options.device) or 0
+        needed = user.devices_to_start(setup.world_size)
+        if needed and user.devices_held() + other.devices_held() + needed > limit:
+            other.close()
 
     def run_case(self, planned: PlannedCase) -> CaseResult:
         case, start = planned.case, time.monotonic()
@@ -243,7 +267,9 @@ class Orchestrator:
         if isinstance(case.baseline, str):
             return {"note": "no localization against the transformers baseline (no activation capture)"}
         try:
+            self._make_room(self.pool, case.setup)
             cand = merge_captures(self.pool.capture(case.setup, self.checkpoint, requests))
+            self._make_room(self.baseline_pool, case.baseline)
             base = merge_captures(self.baseline_pool.capture(case.baseline, self.checkpoint, requests))
         except (WorkerError, RuntimeError) as exc:
             return {"note": f"localization replay failed: {str(exc).splitlines()[0]}", "error": str(exc)}

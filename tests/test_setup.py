@@ -103,3 +103,32 @@ def test_plan_baselines_and_shards() -> None:
     assert sorted(p.case.id for part in parts for p in part) == sorted(p.case.id for p in planned)
     with pytest.raises(ValueError, match="shard 3/3"):
         shard(planned, 3, 3)
+
+
+class _FakeLauncher:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(("gpus", "freed"), [(4, True), (8, False)])
+def test_mutated_and_clean_pools_share_the_gpus(monkeypatch: pytest.MonkeyPatch, gpus: int, freed: bool) -> None:
+    """Under a mutation on 4 GPUs, the clean pool's tp2 x pp2 ranks only fit once the mutated
+    pool's are gone (and the other way round); with 8 GPUs both stay."""
+    import harness.orchestrate as orchestrate
+
+    monkeypatch.setattr(orchestrate, "available_devices", lambda device: gpus)
+    orch = orchestrate.Orchestrator(RunOptions(backend="mp", device="cuda", mutation="all-gather-reversed-order"))
+    mutated = _FakeLauncher()
+    orch.pool._launchers[4] = mutated  # type: ignore[assignment]
+    setup = ParallelSetup.parse("tp2-pp2-graph-full", "bfloat16", "cuda")
+    orch._make_room(orch.baseline_pool, setup)
+    assert mutated.closed is freed and (4 in orch.pool._launchers) is not freed
+    clean = _FakeLauncher()
+    orch.baseline_pool._launchers[4] = clean  # type: ignore[assignment]
+    orch._make_room(orch.pool, setup)
+    assert clean.closed is freed
+    # One-device clean baselines run in the driver and reserve nothing.
+    orch._make_room(orch.baseline_pool, ParallelSetup.parse("tp1-pp1-eager", "bfloat16", "cuda"))
