@@ -207,17 +207,24 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _git_sha() -> str:
-    """``git rev-parse HEAD`` of the repository holding this file, or ``"unknown"``."""
+def _git(*args: str) -> str | None:
+    """``git ARGS`` in the repository holding this file: its stdout, or None if git failed."""
     try:
-        proc = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=10, check=False,
-        )
+        proc = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _git_sha() -> str:
+    """``git rev-parse HEAD``, with ``-dirty`` when tracked files differ from it (the sha alone
+    would then misname the code that ran), or ``"unknown"``."""
+    sha = (_git("rev-parse", "HEAD") or "").strip()
+    if not sha:
         return "unknown"
-    sha = proc.stdout.strip()
-    return sha if proc.returncode == 0 and sha else "unknown"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return sha + "-dirty" if status else sha
 
 
 def _version(package: str) -> str | None:

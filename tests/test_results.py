@@ -208,7 +208,7 @@ def test_environment() -> None:
     env = res.environment()
     assert {"git_sha", "python", "torch", "transformers", "ray", "platform", "hostname", "cpu_count",
             "cuda_devices", "timestamp"} <= set(env)
-    assert env["git_sha"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}", env["git_sha"])
+    assert env["git_sha"] == "unknown" or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", env["git_sha"])
     assert isinstance(env["cuda_devices"], list)
     stamp = datetime.fromisoformat(env["timestamp"])
     assert stamp.utcoffset() == timedelta(0)
@@ -221,6 +221,20 @@ def test_git_sha_unknown_without_git(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(subprocess, "run", no_git)
     assert res.environment()["git_sha"] == "unknown"
+
+
+def test_git_sha_marks_a_dirty_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    sha = "0123456789abcdef0123456789abcdef01234567"
+
+    def git(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        out = sha + "\n" if args[1] == "rev-parse" else (" M harness/cli.py\n" if dirty else "")
+        return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", git)
+    dirty = False
+    assert res.environment()["git_sha"] == sha
+    dirty = True
+    assert res.environment()["git_sha"] == sha + "-dirty"
 
 
 def test_git_sha_unknown_outside_a_repository(monkeypatch: pytest.MonkeyPatch) -> None:
