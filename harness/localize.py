@@ -10,12 +10,14 @@ from typing import Any
 import torch
 
 # Per-layer error is measured relative to the baseline tensor's largest magnitude.
-# fp32: TP/SP reorder sums only; relative activation errors seen between clean setups are
-# ~1e-6, and a wrong row (another rank's residual, a missing bias) is off by O(1). 1e-3 sits
-# well between.
+# fp32: TP/SP reorder sums only. Measured over the whole smoke matrix (`parity selftest --localize`,
+# docs/detection.md): the largest clean per-layer error is 1.8e-6, while a wrong row (another
+# rank's residual, a missing bias) is off by O(1e-2..1) and the subtlest catalogued bug (the SP
+# norm's epsilon taken as 1e-6 instead of 1e-2) by ~1e-3. 1e-4 sits 55x above the clean noise and
+# 10x below that bug, so the localizer names the layer where such a bug starts, not a later one.
 # bf16: each layer rounds activations to 8 significand bits (2^-8 ~ 4e-3 relative); after a
 # few layers clean differences reach ~1e-2, so 5e-2 flags only real divergence.
-ACTIVATION_RTOL = {"float32": 1e-3, "bfloat16": 5e-2}
+ACTIVATION_RTOL = {"float32": 1e-4, "bfloat16": 5e-2}
 TENSORS = ("residual", "hidden_states")  # order of computation inside a layer
 
 
@@ -38,14 +40,18 @@ def row_errors(candidate: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
 
 
 def owner_ranks(rows: list[int], num_tokens: int, tp: int) -> list[int]:
-    """TP ranks whose token shard (of the padded step, split in ``tp`` equal parts) holds ``rows``."""
-    local = max(num_tokens // tp, 1)
-    return sorted({r // local for r in rows})
+    """TP ranks whose token shard holds ``rows``: the step of ``num_tokens`` rows split in ``tp``
+    shards of ``ceil(num_tokens / tp)`` rows (SP pads the step to a multiple of tp, so the shards
+    are then equal)."""
+    local = max(-(-num_tokens // tp), 1)
+    return sorted({min(r // local, tp - 1) for r in rows})
 
 
 def localize(candidate: Mapping[str, torch.Tensor], baseline: Mapping[str, torch.Tensor],
-             tp: int, dtype: str) -> dict[str, Any]:
-    """The first (layer, tensor) beyond tolerance, with rows, owning TP ranks and per-layer errors."""
+             tp: int, dtype: str, token_sharded: bool = True) -> dict[str, Any]:
+    """The first (layer, tensor) beyond tolerance, with rows, owning TP ranks and per-layer errors.
+    ``token_sharded``: whether the candidate splits token rows over its TP ranks (SP); without
+    it every rank holds every row, so rows have no owning rank."""
     rtol = ACTIVATION_RTOL[dtype]
     num_tokens = int(candidate.get("num_tokens", torch.tensor(0)))
     per_layer: list[float] = []
@@ -63,7 +69,10 @@ def localize(candidate: Mapping[str, torch.Tensor], baseline: Mapping[str, torch
             bad = [int(i) for i in torch.nonzero(errors > rtol).flatten()]
             if bad and found is None:
                 found = {"layer": layer, "tensor": tensor, "rows": bad,
-                         "tp_ranks": owner_ranks(bad, num_tokens, tp), "max_error": float(errors.max())}
+                         "tp_ranks": owner_ranks(bad, num_tokens, tp) if token_sharded and tp > 1 else [],
+                         "max_error": float(errors.max())}
+                if not token_sharded and tp > 1:
+                    found["shard_note"] = "no SP: every TP rank holds every token row"
         per_layer.append(worst)
     result: dict[str, Any] = found or {"layer": None, "tensor": None, "rows": [], "tp_ranks": [],
                                        "note": "no layer's activations differ beyond tolerance in the prefill"}

@@ -273,7 +273,7 @@ class Orchestrator:
             base = merge_captures(self.baseline_pool.capture(case.baseline, self.checkpoint, requests))
         except (WorkerError, RuntimeError) as exc:
             return {"note": f"localization replay failed: {str(exc).splitlines()[0]}", "error": str(exc)}
-        result = localize(cand, base, case.setup.tp, self.options.dtype)
+        result = localize(cand, base, case.setup.tp, self.options.dtype, token_sharded=case.setup.sp)
         result["failing_request"] = request_id
         result["row_requests"] = sorted({requests[i].request_id for i in _requests_of(result["rows"], cand)})
         return result
