@@ -205,10 +205,14 @@ class Orchestrator:
             options.backend, options.device, options.fresh_workers)
         self.cache = BaselineCache(cache_root() / "baselines")
         self.checkpoint = str(resolve(options.model))
+        self._requests: dict[str, list[Request]] = {}
 
     def requests(self, scenario: str) -> list[Request]:
-        return get_scenario(scenario).requests(Path(self.checkpoint), self.options.dtype, self.options.seed,
-                                               self.options.max_new_tokens)
+        """The scenario's requests, built once per run (every setup and every replay gets the same)."""
+        if scenario not in self._requests:
+            self._requests[scenario] = get_scenario(scenario).requests(
+                Path(self.checkpoint), self.options.dtype, self.options.seed, self.options.max_new_tokens)
+        return list(self._requests[scenario])
 
     def baseline_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
         key = BaselineCache.key(self.checkpoint, requests, case.baseline_id, self.options.dtype,

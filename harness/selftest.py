@@ -60,15 +60,27 @@ class SelftestReport:
         return "\n".join(lines)
 
     def margins(self) -> dict[str, Any]:
-        """Largest clean logprob error vs the smallest error of a case a mutation failed on logprobs
-        (a case's error: the largest |Δ logprob| it showed, at its first divergence or later)."""
+        """Largest clean errors vs the smallest errors of caught cases: logprobs (a case's error is
+        the largest |Δ logprob| it showed, at its first divergence or later) and, where cases were
+        localized, per-layer activations."""
         clean = [float(r.metrics.get("max_logprob_diff", 0.0)) for r in self.clean if r.status == "pass"]
+        clean_act = [float(r.metrics["activation_error"]) for r in self.clean
+                     if r.metrics.get("activation_error") is not None]
         caught: list[tuple[float, str]] = []
-        token_failures = 0
+        caught_act: list[float] = []
+        token_failures = errors = invisible = 0
         for name, results in self.mutated.items():
             for r in self._hits(results):
+                if r.status == "error":
+                    errors += 1
+                    continue
+                loc = r.localization or {}
+                if loc.get("layer") is not None and loc.get("per_layer_error"):
+                    caught_act.append(max(loc["per_layer_error"]))
+                elif loc:
+                    invisible += 1
                 d = r.first_divergence
-                if r.status != "fail" or not d or d.get("tolerated"):
+                if not d or d.get("tolerated"):
                     continue
                 if d.get("reason") == "logprob" and isinstance(d.get("logprob_diff"), float):
                     error = max(d["logprob_diff"], float(r.metrics.get("max_logprob_diff", 0.0)))
@@ -76,24 +88,13 @@ class SelftestReport:
                 else:
                     token_failures += 1
         weakest = min(caught, default=(math.inf, ""))
-        clean_act = [float(r.metrics["activation_error"]) for r in self.clean
-                     if r.metrics.get("activation_error") is not None]
-        caught_act: list[float] = []
-        invisible = 0
-        for results in self.mutated.values():
-            for r in self._hits(results):
-                loc = r.localization or {}
-                if loc.get("layer") is not None and loc.get("per_layer_error"):
-                    caught_act.append(max(loc["per_layer_error"]))
-                elif loc:
-                    invisible += 1
         return {"largest_clean_logprob_diff": max(clean, default=0.0),
                 "largest_clean_activation_error": max(clean_act, default=None),
                 "smallest_caught_activation_error": min(caught_act, default=None),
                 "caught_not_visible_in_prefill": invisible,
                 "smallest_caught_logprob_diff": weakest[0], "weakest_logprob_catch": weakest[1],
                 "caught_by_token_or_length": token_failures,
-                "caught_by_error": sum(r.status == "error" for rs in self.mutated.values() for r in self._hits(rs))}
+                "caught_by_error": errors}
 
     def to_json(self) -> dict[str, Any]:
         return {"matrix": self.matrix, "clean_passed": self.clean_passed, "passed": self.passed,
