@@ -279,26 +279,28 @@ def test_sp_norm_eps_hardcoded_ignores_the_matched_eps(restore_patches: None) ->
 
 # -- end to end, inside the workers ------------------------------------------------------------------
 
+def assert_clean_passes_and_mutated_raises(mutation: str, model: str, engine: EngineSpec, requests: str,
+                                           match: str) -> None:
+    """On one worker pool: the clean run of ``engine`` (built from ``model``) agrees with the
+    single-device engine; under ``mutation`` the same run raises a ``WorkerError`` matching ``match``."""
+    with MpLauncher(engine.world_size) as launcher:
+        clean = launcher.run(engine, REQUESTS[requests])
+        launcher.call("mutate", mutation)
+        with pytest.raises(WorkerError, match=match):
+            launcher.run(engine, REQUESTS[requests])
+    assert not differences(clean, single_device(model, requests))
+
+
 def test_sp_threshold_ignored_in_handoff_breaks_small_steps_under_pp() -> None:
-    engine = spec("tiny-llama", 2, 2, mode="graph", sp=True, sp_min_tokens=16)
-    reqs = REQUESTS["threshold"]
-    with MpLauncher(4) as launcher:
-        clean = launcher.run(engine, reqs)
-        launcher.call("mutate", "sp-threshold-ignored-in-handoff")
-        with pytest.raises(WorkerError, match="the scattered-residual predicate disagrees with the compiled graph"):
-            launcher.run(engine, reqs)
-    assert not differences(clean, single_device("tiny-llama", "threshold"))
+    assert_clean_passes_and_mutated_raises(
+        "sp-threshold-ignored-in-handoff", "tiny-llama", spec("tiny-llama", 2, 2, mode="graph", sp=True, sp_min_tokens=16),
+        "threshold", "the scattered-residual predicate disagrees with the compiled graph")
 
 
 def test_token_count_not_padded_to_tp_breaks_odd_steps_under_pp_sp() -> None:
-    engine = spec("tiny-llama", 2, 2, mode="graph", sp=True)
-    reqs = REQUESTS["odd"]
-    with MpLauncher(4) as launcher:
-        clean = launcher.run(engine, reqs)
-        launcher.call("mutate", "token-count-not-padded-to-tp")
-        with pytest.raises(WorkerError, match="residual has 2 rows for a 1-token step"):
-            launcher.run(engine, reqs)
-    assert not differences(clean, single_device("tiny-llama", "odd"))
+    assert_clean_passes_and_mutated_raises(
+        "token-count-not-padded-to-tp", "tiny-llama", spec("tiny-llama", 2, 2, mode="graph", sp=True),
+        "odd", "residual has 2 rows for a 1-token step")
 
 
 def test_all_gather_reversed_order_changes_tp_outputs() -> None:
