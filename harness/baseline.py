@@ -1,13 +1,17 @@
 """Baseline outputs: a disk cache keyed by what determines them, and the Hugging Face baseline.
 
-Key = (checkpoint hash, requests hash, baseline id + dtype + device, engine code hash), so a
-change to the model, the inputs, the baseline setup or the engine's code misses the cache.
+Key = (checkpoint hash, requests hash, the baseline's full ``EngineSpec`` without the checkpoint
+path (parallel degrees, dtype, device, ``EngineConfig``, ``CompileConfig``) or, for ``hf``, the
+transformers version and the source of ``hf_generate``, dtype, device, the engine's code hash and
+torch's version), so a change to any input that changes baseline outputs misses the cache.
 Entries are written atomically; concurrent xdist workers and consecutive runs share them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -18,6 +22,7 @@ from typing import Any
 
 import torch
 
+from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +47,27 @@ def engine_code_hash() -> str:
     return _sha(*(str(p.relative_to(REPO_ROOT)).encode() + p.read_bytes() for p in sources))
 
 
+@cache
+def hf_code_hash() -> str:
+    """Hash of the code that produces ``hf`` baselines (``hf_generate`` and its per-request step)."""
+    return _sha(inspect.getsource(hf_generate).encode(), inspect.getsource(_hf_one).encode())
+
+
+def baseline_identity(baseline: EngineSpec | str) -> str:
+    """What defines a baseline's outputs besides checkpoint, requests, dtype and device: an engine
+    setup's spec without the checkpoint path (a different path to the same bytes is the same
+    baseline), or for ``hf`` the transformers version and the hash of ``hf_generate``'s source."""
+    if isinstance(baseline, EngineSpec):
+        return repr(dataclasses.replace(baseline, checkpoint=""))
+    from importlib import metadata
+
+    return f"{baseline}/transformers={metadata.version('transformers')}/{hf_code_hash()}"
+
+
 def requests_hash(requests: Sequence[Request]) -> str:
     chunks: list[bytes] = []
     for r in requests:
-        chunks.append(repr((r.request_id, r.prompt_ids, r.max_new_tokens, r.top_k)).encode())
+        chunks.append(repr((r.request_id, r.prompt_ids, r.max_new_tokens, r.top_k, r.forced_tokens)).encode())
         for t in ([r.prompt_embeds] if r.prompt_embeds is not None else []) + list(r.images):
             chunks.append(str(t.dtype).encode() + t.detach().float().cpu().numpy().tobytes())
     return _sha(*chunks)
@@ -70,9 +92,12 @@ class BaselineCache:
         self.root = root
 
     @staticmethod
-    def key(checkpoint: str, requests: Sequence[Request], baseline: str, dtype: str, device: str) -> str:
+    def key(checkpoint: str, requests: Sequence[Request], baseline: EngineSpec | str, dtype: str,
+            device: str) -> str:
+        """The cache key of ``baseline`` (its ``EngineSpec``, or ``"hf"``) on ``requests``."""
         return _sha(checkpoint_hash(checkpoint).encode(), requests_hash(requests).encode(),
-                    f"{baseline}/{dtype}/{device}".encode(), engine_code_hash().encode())
+                    f"{baseline_identity(baseline)}/{dtype}/{device}".encode(), engine_code_hash().encode(),
+                    f"torch={torch.__version__}".encode())
 
     def get(self, key: str) -> list[RequestOutput] | None:
         path = self.root / f"{key}.json"

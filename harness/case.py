@@ -44,6 +44,8 @@ class CaseResult:
     reason: str = ""
     first_divergence: dict[str, Any] | None = None
     localization: dict[str, Any] | None = None
+    # Per rank and compiled step graph: SP matches by pattern and collectives left (outcome.sp_matches).
+    sp_matches: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 

@@ -1,6 +1,8 @@
 """The ``parity`` command line. See README.md for the contract; exit codes:
-0 all cases passed (skips allowed), 1 a comparison failed, 2 usage/configuration error
-(nothing ran), 3 infrastructure error (crash, timeout) and no comparison failure."""
+0 every case that ran passed (skips allowed) and at least one ran, 1 a comparison failed,
+2 usage/configuration error (nothing ran), 3 infrastructure error (crash, timeout) and no
+comparison failure, 4 no case ran (all skipped: the reasons and the setups that would fit the
+model are printed; ``--fit`` runs those)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,19 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.case import CaseResult
+    from harness.orchestrate import PlannedCase, RunOptions
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
+# harness.results.EXIT_NOTHING_RAN, repeated like the others: importing harness.results pulls in
+# torch (through harness.setup), which `parity --help` and `parity list` should not wait for.
+EXIT_NOTHING_RAN = 4
 
 
 class UsageError(ValueError):
@@ -50,7 +61,8 @@ def _run(args: argparse.Namespace) -> int:
     options = RunOptions(
         backend=args.backend, device=args.device or matrix.device, dtype=args.dtype or matrix.dtype,
         baseline=args.baseline, model=args.model, fresh_workers=args.fresh_workers,
-        mutation=args.mutation, seed=args.seed, policy=args.policy,
+        mutation=args.mutation, seed=args.seed, policy=args.policy, fit=args.fit,
+        allow_confounded=args.allow_confounded,
     )
     planned = plan(matrix, options, _csv(args.setups), _csv(args.scenarios))
     if (sh := _shard(args.shard)) is not None:
@@ -75,10 +87,41 @@ def _run(args: argparse.Namespace) -> int:
         orchestrator.close()
     wanted = {p.case.id for p in planned}
     results = [r for r in store.load() if r.id in wanted]
-    index = render_all(out, results, environment())
+    from harness.run_meta import run_settings
+
+    run = run_settings(options, matrix.name, _csv(args.setups) or list(matrix.setups),
+                       _csv(args.scenarios) or list(matrix.scenarios), sys.argv)
+    index = render_all(out, results, environment(), run=run)
     code = exit_code(results)
+    if code == EXIT_NOTHING_RAN:
+        _explain_nothing_ran(results, planned, options)
     print(f"report: {index.resolve()}  (exit {code})", file=sys.stderr)
     return code
+
+
+def _explain_nothing_ran(results: Sequence[CaseResult], planned: Sequence[PlannedCase],
+                         options: RunOptions) -> None:
+    """Exit 4's stderr: each distinct skip reason once with its count, then the setups that fit."""
+    print("parity run: no case ran" + ("" if results else " (no case planned)"), file=sys.stderr)
+    for reason, count in Counter(r.reason for r in results).items():
+        print(f"  {count} x {reason}", file=sys.stderr)
+    print(_fit_suggestion([p.case.setup.id for p in planned], options), file=sys.stderr)
+
+
+def _fit_suggestion(setup_ids: Sequence[str], options: RunOptions) -> str:
+    """The line naming the planned setups' fitted versions (``--fit`` runs them), or saying none fits."""
+    from harness.fit import fitting_setups
+    from harness.orchestrate import available_devices
+    from reference_impl.config import load_config
+    from scenarios.models import resolve
+
+    ids = list(dict.fromkeys(setup_ids))
+    fits = fitting_setups(ids, cfg=load_config(resolve(options.model)), max_ranks=available_devices(options.device))
+    if not fits:
+        return f"no setup of this run fits {options.model} on the available {options.device} devices"
+    # --fit changes nothing when the setups fit already (the skips are then about scenarios).
+    hint = "; or rerun with --fit" if fits != ids and not options.fit else ""
+    return f"setups that fit {options.model}: {', '.join(fits)}{hint}"
 
 
 def _selftest(args: argparse.Namespace) -> int:
@@ -153,18 +196,23 @@ def _matrix(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from harness.results import environment, exit_code, merge
+    """Merge run directories (everything is read before anything is written, so ``--out`` may be
+    one of them) into ``results.jsonl``, ``summary.json``, ``junit.xml`` and ``index.html``."""
+    from harness.results import environment, exit_code, merge, write_results
     from reports.html import render_all
 
     dirs = [Path(d) for d in args.dirs]
     for d in dirs:
         if not (d / "results.jsonl").is_file():
             raise UsageError(f"{d} holds no results.jsonl")
-    results = merge(dirs)
+    merged = merge(dirs, allow_duplicates=args.allow_duplicates)  # DuplicateCaseError: exit 2
+    for o in merged.overridden:
+        print(f"parity report: warning: {o.id} of {o.dir} overridden by {o.by}", file=sys.stderr)
     out = Path(args.out) if args.out else dirs[0]
-    index = render_all(out, results, environment())
+    write_results(out, merged.results)
+    index = render_all(out, merged.results, environment(), run=merged.run(), merged=merged)
     print(f"report: {index.resolve()}", file=sys.stderr)
-    return exit_code(results)
+    return exit_code(merged.results)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -210,9 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default="ray", choices=["ray", "mp"])
     run.add_argument("--device", choices=["cpu", "cuda"], help="default: the matrix's")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the matrix's")
-    run.add_argument("--policy", default="logprobs", choices=["exact", "logprobs"])
+    run.add_argument("--policy", default="auto", choices=["auto", "exact", "logprobs", "identical"],
+                     help="comparison policy; auto: identical for SP vs SP-off pairs, logprobs otherwise")
     run.add_argument("--mutation", help="run with a catalogued bug injected (parity list mutations)")
     run.add_argument("--fresh-workers", action="store_true", help="new worker processes for every run")
+    run.add_argument("--allow-confounded", action="store_true",
+                     help="accept an explicit --baseline ID that differs from a setup in more than one "
+                          "feature (a failure then cannot name the feature at fault)")
+    run.add_argument("--fit", action="store_true",
+                     help="replace each setup's TP degree by the nearest one the model's head counts allow "
+                          "(e.g. tp2 -> tp3 for 9 heads); PP, SP and compile mode stay")
     run.add_argument("--shard", help="I/N: run every N-th case starting at I")
     run.add_argument("--seed", type=int, default=0, help="input seed of the scenarios")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR: only cases not yet recorded")
@@ -245,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render (and merge) run directories into one report")
     rep.add_argument("dirs", nargs="+")
     rep.add_argument("--out", help="output directory (default: the first DIR)")
+    rep.add_argument("--allow-duplicates", action="store_true",
+                     help="let a case id recorded in several DIRs take the later DIR's record (listed in "
+                          "the report) instead of refusing the merge")
     rep.set_defaults(func=_report)
 
     demo = sub.add_parser("demo", help="build a tiny model and generate with the single-device engine")

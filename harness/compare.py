@@ -1,42 +1,55 @@
 """Compare a candidate setup's generated tokens and logprobs with a baseline's, under a policy.
 
-Two policies (``POLICIES``):
+Three policies (``POLICIES``); under every one a non-finite logprob on either side fails (reason
+``"nonfinite"``) and so does a request whose two sides generated different numbers of tokens
+(``"length"``: every request runs for exactly ``max_new_tokens``):
 
 * ``exact``: token ids must be identical for every request and step. Logprobs are not judged,
   only reported in the metrics.
 * ``logprobs``: walk each request's steps. While tokens agree, the chosen-token logprobs must agree
-  within the dtype's ``Tolerance.logprob_atol``. At the first step where tokens differ, each side's
-  token must be within the *other* side's top-k at that step (a near-tie that rounding can flip);
-  the request then passes and its later steps are not compared, since they are conditioned on
-  different prefixes. Otherwise the divergence is a failure.
+  within the dtype's ``Tolerance.logprob_atol`` (``"logprob"``) and so must the top-k: the same
+  ids with logprobs within atol, where an id that only one side lists must sit within atol of the
+  other side's k-th logprob, so that noise could have swapped it out (``"topk"``). Where tokens
+  differ (``"token"``), the flip is tolerated only as a near-tie: each side's own token leads the
+  other side's token by at most ``Tolerance.near_tie`` nats on that side, and at most once per
+  request. After a flip the two sides continue on different prefixes, so the free-running
+  streams cannot be compared further: the orchestrator replays the candidate forced along the
+  baseline's tokens (``Request.forced_tokens``) and ``compare(..., forced=...)`` walks that
+  replay instead, where every step shares the baseline's prefix and is compared in full (the
+  candidate's own greedy choice is its top-1; a second flip fails). Without a replay the steps
+  after a tolerated flip are counted in ``metrics["steps_not_compared"]``, never silently.
+* ``identical``: for pairs that are bit-identical when clean (SP vs SP off on the same ranks):
+  tokens identical (no flip tolerated), logprobs and top-k within the dtype's measured noise
+  floor ``Tolerance.identical_atol``.
 
-Under both policies a request whose two sides generated different numbers of tokens fails (reason
-``"length"``): every request runs for exactly ``max_new_tokens``, so a length difference is a bug.
 Requests whose ids or order differ between the two sides are a harness bug: ``ValueError``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from reference_impl.requests import RequestOutput
 
-POLICIES = ("exact", "logprobs")
-REASONS = ("token", "logprob", "length")
+POLICIES = ("exact", "logprobs", "identical")
+REASONS = ("token", "logprob", "topk", "length", "nonfinite")
 
 TopK = tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How far a candidate's chosen-token logprob may drift from the baseline's, per step,
-    while both chose the same token (``|Δ logprob| <= logprob_atol`` passes)."""
+    """Per dtype: ``logprob_atol`` (|Δ logprob| of one token, same prefix, under ``logprobs``),
+    ``near_tie`` (how far a side's own token may lead the other side's token for a flip to be
+    tolerated) and ``identical_atol`` (the noise floor of the ``identical`` policy)."""
 
     logprob_atol: float
+    near_tie: float
+    identical_atol: float
 
 
 # float32: legitimate differences between setups on this project's tiny models are reduction-order
@@ -56,13 +69,31 @@ FLOAT32_LOGPROB_ATOL = 1e-3
 # (docs/results/gpu-h200x4.md) tp2 x pp2 vs one device by up to 0.285 eager and 0.308 inductor,
 # PP+SP vs PP by 0.0. 0.5 leaves 1.6x headroom over the largest; gross bugs (wrong shard or rank
 # order, dropped residual) move logprobs by whole nats or flip tokens out of the top-k and still
-# fail. Subtler bugs (~0.1) are the fp32 runs' job. At bf16, near-ties can legitimately flip the
-# greedy token; the logprobs policy tolerates that through its top-k rule, not through this atol.
+# fail. Subtler bugs are caught in bf16 by the ``identical`` policy of the pairs that are
+# bit-identical when clean, and by the fp32 runs.
 BFLOAT16_LOGPROB_ATOL = 0.5
 
+# A flip is noise only if noise could have made it: each side's token may lead the other's by no
+# more than one token's logprob may legitimately move, i.e. the dtype's logprob atol. (The old
+# rule, "each token in the other's top-5", tolerated a 5-nat gap and passed an engine that had
+# dropped a layer.) fp32 clean runs have never flipped a token on this project's models (smallest
+# top-1/top-2 gap ~0.03, 30x the tolerance); a bf16 near-tie within 0.5 nats is what rounding
+# can flip.
+FLOAT32_NEAR_TIE = FLOAT32_LOGPROB_ATOL
+BFLOAT16_NEAR_TIE = BFLOAT16_LOGPROB_ATOL
+
+# Noise floors of the ``identical`` policy. Measured on this machine (CPU, gloo, tiny-llava, the
+# smoke matrix's SP pairs, 3 input seeds; docs/harness.md): SP vs SP off is bit-identical in fp32
+# and in bf16 (max |Δ logprob| 0.0). The floors keep one fp32 ulp of slack at |logprob| ~ 10 in
+# fp32 (1e-6 ~ 1 ulp at 8) and, in bf16, less than a tenth of the 0.5 TP tolerance while still
+# above one bf16 rounding step of a logprob near -1 (2^-8): the smallest catalogued bug caught
+# on logprobs moved them by 0.2 (bf16, prompt-embeds, sp-middle-residual-slice), 6x this floor.
+FLOAT32_IDENTICAL_ATOL = 1e-6
+BFLOAT16_IDENTICAL_ATOL = 0.03
+
 TOLERANCES: dict[str, Tolerance] = {
-    "float32": Tolerance(logprob_atol=FLOAT32_LOGPROB_ATOL),
-    "bfloat16": Tolerance(logprob_atol=BFLOAT16_LOGPROB_ATOL),
+    "float32": Tolerance(FLOAT32_LOGPROB_ATOL, FLOAT32_NEAR_TIE, FLOAT32_IDENTICAL_ATOL),
+    "bfloat16": Tolerance(BFLOAT16_LOGPROB_ATOL, BFLOAT16_NEAR_TIE, BFLOAT16_IDENTICAL_ATOL),
 }
 
 
@@ -74,14 +105,23 @@ def tolerance_for(dtype: str) -> Tolerance:
         raise ValueError(f"dtype={dtype!r}: no tolerance; choose from {', '.join(TOLERANCES)}") from None
 
 
+def policy_atol(policy: str, dtype: str) -> float:
+    """The logprob atol a policy applies for ``dtype`` (``exact`` reports logprobs only)."""
+    tol = tolerance_for(dtype)
+    return tol.identical_atol if policy == "identical" else tol.logprob_atol
+
+
 @dataclass(frozen=True)
 class Divergence:
     """Where a candidate and its baseline part ways, with what each side saw at that step.
 
     A side's token, logprob and top-k are ``None`` / empty when it has no token at ``step``
     (reason ``"length"``). ``logprob_diff`` is ``|candidate_logprob - baseline_logprob|`` (of
-    different tokens when reason is ``"token"``), ``None`` when either side is missing.
-    ``tolerated``: a near-tie token divergence the ``logprobs`` policy accepts.
+    different tokens when reason is ``"token"`` in a free-running walk), ``None`` when either
+    side is missing. For a flip, ``candidate_gap`` / ``baseline_gap`` are how far each side's own
+    token leads the other side's token there (``None``: the other token is not in that side's
+    top-k). ``tolerated``: a near-tie flip the ``logprobs`` policy accepts. ``replayed``: found
+    while walking the candidate's replay forced along the baseline's tokens.
     """
 
     request_id: str
@@ -95,6 +135,10 @@ class Divergence:
     logprob_diff: float | None
     reason: str
     tolerated: bool = False
+    candidate_gap: float | None = None
+    baseline_gap: float | None = None
+    replayed: bool = False
+    detail: str = ""
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
@@ -112,24 +156,15 @@ class Divergence:
 
     def to_json(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict (top-k as lists of ``[id, logprob]``)."""
-        return {
-            "request_id": self.request_id,
-            "step": self.step,
-            "candidate_token": self.candidate_token,
-            "baseline_token": self.baseline_token,
-            "candidate_top_k": [[tok, lp] for tok, lp in self.candidate_top_k],
-            "baseline_top_k": [[tok, lp] for tok, lp in self.baseline_top_k],
-            "candidate_logprob": self.candidate_logprob,
-            "baseline_logprob": self.baseline_logprob,
-            "logprob_diff": self.logprob_diff,
-            "reason": self.reason,
-            "tolerated": self.tolerated,
-        }
+        data = asdict(self)
+        data["candidate_top_k"] = [[tok, lp] for tok, lp in self.candidate_top_k]
+        data["baseline_top_k"] = [[tok, lp] for tok, lp in self.baseline_top_k]
+        return data
 
-    def describe(self, atol: float) -> str:
+    def describe(self, atol: float, near_tie: float | None = None) -> str:
         """One paragraph: request, step, both tokens with logprobs, both top-k, and why."""
         head = (
-            f"request {self.request_id} step {self.step}: "
+            f"request {self.request_id} step {self.step}{' (forced replay)' if self.replayed else ''}: "
             f"candidate {_side(self.candidate_token, self.candidate_logprob, self.step)} vs "
             f"baseline {_side(self.baseline_token, self.baseline_logprob, self.step)}"
         )
@@ -137,24 +172,26 @@ class Divergence:
             f"candidate top-{len(self.candidate_top_k)} {_fmt_top_k(self.candidate_top_k)}; "
             f"baseline top-{len(self.baseline_top_k)} {_fmt_top_k(self.baseline_top_k)}"
         )
-        return f"{head}; {tops}; {self._why(atol)}"
+        return f"{head}; {tops}; {self._why(atol, atol if near_tie is None else near_tie)}"
 
-    def _why(self, atol: float) -> str:
+    def _why(self, atol: float, near_tie: float) -> str:
         """The reason clause of ``describe``."""
         if self.reason == "length":
             short = "candidate" if self.candidate_token is None else "baseline"
             return f"different number of generated tokens: {short} stops after {self.step} tokens"
+        if self.reason == "nonfinite":
+            return f"non-finite logprob ({self.detail})"
         diff = f"|Δ logprob| {_fmt_float(self.logprob_diff)}"
         if self.reason == "logprob":
             return f"same token but {diff} > atol {atol:.2g}"
-        membership = (
-            f"candidate token {self.candidate_token} {_is(self.candidate_in_baseline_top_k)} in "
-            f"baseline top-{len(self.baseline_top_k)}, baseline token {self.baseline_token} "
-            f"{_is(self.baseline_in_candidate_top_k)} in candidate top-{len(self.candidate_top_k)}"
-        )
+        if self.reason == "topk":
+            return f"same token, top-k differs: {self.detail} (atol {atol:.2g})"
+        gaps = (f"candidate's token leads the baseline's by {_fmt_float(self.candidate_gap)} on the candidate, "
+                f"baseline's leads by {_fmt_float(self.baseline_gap)} on the baseline (n/a: not in top-k)")
         if self.tolerated:
-            return f"tokens differ: {membership} (tolerated near-tie; later steps not compared)"
-        return f"tokens differ: {membership}; {diff}"
+            return f"tokens differ: a near-tie: {gaps}, both <= {near_tie:.2g} (tolerated once per request)"
+        why = self.detail or f"not a near-tie (needs both gaps <= {near_tie:.2g})"
+        return f"tokens differ: {gaps}; {why}"
 
 
 @dataclass(frozen=True)
@@ -162,12 +199,14 @@ class Verdict:
     """The outcome of ``compare``.
 
     ``first_divergence``: the earliest failing divergence (earliest step, ties broken by request
-    order), else the earliest tolerated one, else ``None``. ``divergences``: all that were found,
-    in that order (at most one token or length divergence and one logprob divergence per request).
-    ``metrics``: ``requests``, ``steps_compared`` (steps examined: agreeing ones plus each
-    request's divergent step), ``tokens_identical``, ``max_logprob_diff`` (over compared steps
-    whose tokens agree; 0.0 when none), ``steps_over_atol``, ``divergent_requests`` (whose tokens
-    or lengths differ), ``failing_requests``, ``tolerated_divergences``, ``atol``, ``dtype``.
+    order), else the earliest tolerated one, else ``None``. ``divergences``: every divergence
+    found, in that order. ``replay``: ids of the requests whose free-running walk ended in a
+    tolerated flip and that were not given a forced replay (their later steps are uncompared).
+    ``metrics``: ``requests``, ``steps_compared``, ``steps_not_compared``, ``tokens_identical``,
+    ``max_logprob_diff`` (chosen token, same prefix; 0.0 when none), ``max_topk_diff`` (top-k ids
+    listed on both sides), ``steps_over_atol``, ``divergent_requests`` (tokens or lengths
+    differ), ``failing_requests``, ``tolerated_divergences``, ``replayed_requests``, ``atol``,
+    ``near_tie``, ``dtype``.
     """
 
     passed: bool
@@ -175,10 +214,12 @@ class Verdict:
     first_divergence: Divergence | None
     metrics: dict[str, Any] = field(default_factory=dict)
     divergences: tuple[Divergence, ...] = ()
+    replay: tuple[str, ...] = ()
 
     def message(self) -> str:
         """A self-explanatory account of the verdict, fit for a pytest assertion message."""
         atol = float(self.metrics.get("atol", math.nan))
+        near_tie = float(self.metrics.get("near_tie", atol))
         status = "PASS" if self.passed else "FAIL"
         context = f"{status} [policy {self.policy}, {self.metrics.get('dtype', '?')} atol {atol:.2g}]"
         if self.first_divergence is None:
@@ -187,11 +228,13 @@ class Verdict:
                 f"{self.metrics.get('steps_compared', 0)} steps, tokens identical, "
                 f"max |Δ logprob| {_fmt_float(self.metrics.get('max_logprob_diff'))}"
             )
-        text = f"{context}: {self.first_divergence.describe(atol)}"
+        text = f"{context}: {self.first_divergence.describe(atol, near_tie)}"
         failing = [d for d in self.divergences if not d.tolerated]
         if len(failing) > 1:
             requests = self.metrics.get("failing_requests")
             text += f" [{len(failing)} failing divergences in {requests} requests]"
+        if self.metrics.get("steps_not_compared"):
+            text += f" [{self.metrics['steps_not_compared']} steps after tolerated flips not compared: no replay]"
         return text
 
 
@@ -200,32 +243,57 @@ def compare(
     baseline: Sequence[RequestOutput],
     policy: str = "logprobs",
     dtype: str = "float32",
+    forced: Mapping[str, RequestOutput] | None = None,
 ) -> Verdict:
     """Judge ``candidate`` against ``baseline`` (same requests, same order) under ``policy``.
 
+    ``forced``: the candidate's replays forced along the baseline's tokens, by request id (see
+    the module docstring); a request found there is judged on its replay.
     ``ValueError`` for an unknown policy or dtype, request ids or order that differ, or an output
     whose token_ids, logprobs and top_logprobs have different lengths (harness bugs, not verdicts).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: choose from {', '.join(POLICIES)}")
-    atol = tolerance_for(dtype).logprob_atol
+    rules = _Rules(policy, policy_atol(policy, dtype), tolerance_for(dtype).near_tie)
     _check_structure(candidate, baseline)
-    walks = [_walk(c, b, policy, atol) for c, b in zip(candidate, baseline)]
+    forced = forced or {}
+    walks = []
+    for c, b in zip(candidate, baseline, strict=True):
+        replay = forced.get(c.request_id)
+        if replay is not None:
+            _check_structure([replay], [b])
+        walks.append(_walk_forced(replay, b, rules) if replay is not None else _walk(c, b, rules))
     ordered = _order(walks)
     failing = [d for d in ordered if not d.tolerated]
     first = failing[0] if failing else (ordered[0] if ordered else None)
-    metrics = _metrics(walks, candidate, baseline, atol, dtype)
-    return Verdict(not failing, policy, first, metrics, tuple(ordered))
+    metrics = _metrics(walks, candidate, baseline, rules, dtype)
+    replay_ids = tuple(w.request_id for w in walks if w.not_compared)
+    return Verdict(not failing, policy, first, metrics, tuple(ordered), replay_ids)
 
 
 @dataclass(frozen=True)
+class _Rules:
+    policy: str
+    atol: float
+    near_tie: float
+
+    @property
+    def judges_logprobs(self) -> bool:
+        return self.policy != "exact"
+
+
+@dataclass
 class _Walk:
     """What walking one request's steps found."""
 
-    diffs: tuple[float, ...]
-    divergences: tuple[Divergence, ...]
-    steps: int
-    over_atol: int
+    request_id: str
+    diffs: list[float] = field(default_factory=list)
+    topk_diffs: list[float] = field(default_factory=list)
+    divergences: list[Divergence] = field(default_factory=list)
+    steps: int = 0
+    over_atol: int = 0
+    not_compared: int = 0
+    replayed: bool = False
 
 
 def _check_structure(candidate: Sequence[RequestOutput], baseline: Sequence[RequestOutput]) -> None:
@@ -248,39 +316,126 @@ def _check_structure(candidate: Sequence[RequestOutput], baseline: Sequence[Requ
                 )
 
 
-def _walk(cand: RequestOutput, base: RequestOutput, policy: str, atol: float) -> _Walk:
-    """Compare one request step by step until the tokens differ or a side runs out."""
-    diffs: list[float] = []
-    found: list[Divergence] = []
-    over = 0
+def _walk(cand: RequestOutput, base: RequestOutput, rules: _Rules) -> _Walk:
+    """Compare one free-running request step by step; stop at a flip (a failing one, or a
+    tolerated one whose later steps await a forced replay)."""
+    walk = _Walk(cand.request_id)
     steps = min(len(cand.token_ids), len(base.token_ids))
-    examined = steps
     for step in range(steps):
+        walk.steps += 1
+        if _nonfinite(cand, base, step, walk):
+            continue
         if cand.token_ids[step] != base.token_ids[step]:
-            tolerated = policy == "logprobs" and _near_tie(cand, base, step)
-            found.append(_divergence(cand, base, step, "token", tolerated))
-            examined = step + 1
+            div = _flip(cand, base, step, rules, flips_so_far=0)
+            walk.divergences.append(div)
+            if div.tolerated:
+                walk.not_compared = steps - step - 1
             break
-        diff = abs(cand.logprobs[step] - base.logprobs[step])
-        diffs.append(diff)
-        if not diff <= atol:  # also true for NaN
-            over += 1
-            if policy == "logprobs" and over == 1:
-                found.append(_divergence(cand, base, step, "logprob", False))
+        _same_token(cand, base, step, rules, walk)
     if len(cand.token_ids) != len(base.token_ids):
-        found.append(_divergence(cand, base, steps, "length", False))
-    return _Walk(tuple(diffs), tuple(found), examined, over)
+        walk.divergences.append(_divergence(cand, base, steps, "length"))
+    return walk
 
 
-def _near_tie(cand: RequestOutput, base: RequestOutput, step: int) -> bool:
-    """Whether each side's token at ``step`` is within the other side's top-k there."""
-    return _in_top_k(cand.token_ids[step], _top_k(base, step)) and _in_top_k(
-        base.token_ids[step], _top_k(cand, step)
-    )
+def _walk_forced(cand: RequestOutput, base: RequestOutput, rules: _Rules) -> _Walk:
+    """Compare the candidate's replay forced along the baseline's tokens: every step shares the
+    baseline's prefix. The candidate's own greedy choice is its top-1; where that differs from
+    the baseline's token it is a flip (one near-tie tolerated per request), and the chosen
+    logprobs (both of the baseline's token) and the top-k are compared at every step."""
+    walk = _Walk(cand.request_id, replayed=True)
+    if list(cand.token_ids) != list(base.token_ids):
+        raise ValueError(f"request {cand.request_id}: the forced replay did not follow the baseline's tokens")
+    flips = 0
+    for step in range(len(base.token_ids)):
+        walk.steps += 1
+        if _nonfinite(cand, base, step, walk, replayed=True):
+            continue
+        greedy = _top_k(cand, step)[0][0] if _top_k(cand, step) else None
+        if greedy != base.token_ids[step]:
+            walk.divergences.append(_flip(cand, base, step, rules, flips, greedy=greedy))
+            flips += 1
+        _same_token(cand, base, step, rules, walk, replayed=True)
+    return walk
+
+
+def _same_token(cand: RequestOutput, base: RequestOutput, step: int, rules: _Rules, walk: _Walk,
+                replayed: bool = False) -> None:
+    """Both sides scored the same token on the same prefix: chosen logprob and top-k within atol."""
+    diff = abs(cand.logprobs[step] - base.logprobs[step])
+    walk.diffs.append(diff)
+    if diff > rules.atol:
+        walk.over_atol += 1
+        if rules.judges_logprobs:
+            walk.divergences.append(_divergence(cand, base, step, "logprob", replayed=replayed))
+    if not rules.judges_logprobs:
+        return
+    worst, problem = _topk_mismatch(_top_k(cand, step), _top_k(base, step), rules.atol)
+    walk.topk_diffs.append(worst)
+    if problem:
+        walk.divergences.append(_divergence(cand, base, step, "topk", replayed=replayed, detail=problem))
+
+
+def _topk_mismatch(cand: TopK, base: TopK, atol: float) -> tuple[float, str]:
+    """The largest |Δ logprob| of ids both top-k lists hold, and what is wrong ("" if nothing):
+    an id both list must agree within atol; an id only one side lists must lie within atol of
+    the other side's k-th logprob (noise could have pushed it just past the cut)."""
+    c, b = dict(cand), dict(base)
+    if len(cand) != len(base):
+        return 0.0, f"top-k sizes differ ({len(cand)} vs {len(base)})"
+    shared = sorted(set(c) & set(b))
+    diffs = {tok: abs(c[tok] - b[tok]) for tok in shared}
+    worst = max(diffs.values(), default=0.0)
+    bad = [tok for tok, d in diffs.items() if not d <= atol]
+    if bad:
+        return worst, f"token {bad[0]}: {c[bad[0]]:.6g} vs {b[bad[0]]:.6g}"
+    for side, own, other in (("baseline", b, c), ("candidate", c, b)):
+        cut = min(other.values(), default=-math.inf)
+        missing = [tok for tok in own if tok not in other and own[tok] > cut + atol]
+        if missing:
+            tok = missing[0]
+            return worst, (f"token {tok} ({own[tok]:.6g}) is in the {side}'s top-k only, "
+                           f"more than atol above the other side's k-th logprob {cut:.6g}")
+    return worst, ""
+
+
+def _flip(cand: RequestOutput, base: RequestOutput, step: int, rules: _Rules, flips_so_far: int,
+          greedy: int | None = None) -> Divergence:
+    """A token divergence at ``step``; tolerated only under ``logprobs`` as the request's first
+    near-tie (each side's token leads the other's by at most ``near_tie`` on that side)."""
+    c_tok = cand.token_ids[step] if greedy is None else greedy
+    b_tok = base.token_ids[step]
+    c_top, b_top = dict(_top_k(cand, step)), dict(_top_k(base, step))
+    c_gap = c_top[c_tok] - c_top[b_tok] if c_tok in c_top and b_tok in c_top else None
+    if greedy is not None and c_tok in c_top:  # forced: the baseline's token's logprob is known
+        c_gap = c_top[c_tok] - cand.logprobs[step]
+    b_gap = b_top[b_tok] - b_top[c_tok] if b_tok in b_top and c_tok in b_top else None
+    near = all(g is not None and g <= rules.near_tie for g in (c_gap, b_gap))
+    detail = ""
+    if rules.policy != "logprobs":
+        detail = f"policy {rules.policy} tolerates no flip"
+    elif near and flips_so_far:
+        detail = "a second flip in this request (one near-tie is tolerated per request)"
+    tolerated = rules.policy == "logprobs" and near and not flips_so_far
+    replayed = greedy is not None
+    return _divergence(cand, base, step, "token", tolerated, replayed=replayed, detail=detail,
+                       gaps=(c_gap, b_gap), candidate_token=c_tok)
+
+
+def _nonfinite(cand: RequestOutput, base: RequestOutput, step: int, walk: _Walk, replayed: bool = False) -> bool:
+    """Record a ``nonfinite`` divergence if either side's chosen or top-k logprob at ``step`` is
+    NaN or infinite (under every policy: a NaN never equals anything, not even under ``exact``)."""
+    bad = [side for side, out in (("candidate", cand), ("baseline", base))
+           if not math.isfinite(out.logprobs[step]) or any(not math.isfinite(lp) for _, lp in _top_k(out, step))]
+    if bad:
+        walk.divergences.append(_divergence(cand, base, step, "nonfinite", replayed=replayed,
+                                            detail=" and ".join(bad)))
+    return bool(bad)
 
 
 def _divergence(
-    cand: RequestOutput, base: RequestOutput, step: int, reason: str, tolerated: bool
+    cand: RequestOutput, base: RequestOutput, step: int, reason: str, tolerated: bool = False,
+    replayed: bool = False, detail: str = "", gaps: tuple[float | None, float | None] = (None, None),
+    candidate_token: int | None = None,
 ) -> Divergence:
     """A ``Divergence`` at ``step`` from both sides' records (a side past its end is missing)."""
     c_lp, b_lp = _at(cand.logprobs, step), _at(base.logprobs, step)
@@ -288,7 +443,7 @@ def _divergence(
     return Divergence(
         request_id=cand.request_id,
         step=step,
-        candidate_token=_at(cand.token_ids, step),
+        candidate_token=_at(cand.token_ids, step) if candidate_token is None else candidate_token,
         baseline_token=_at(base.token_ids, step),
         candidate_top_k=_top_k(cand, step),
         baseline_top_k=_top_k(base, step),
@@ -297,34 +452,41 @@ def _divergence(
         logprob_diff=diff,
         reason=reason,
         tolerated=tolerated,
+        candidate_gap=gaps[0],
+        baseline_gap=gaps[1],
+        replayed=replayed,
+        detail=detail,
     )
 
 
 def _order(walks: Sequence[_Walk]) -> list[Divergence]:
     """All divergences, earliest step first, ties broken by request order."""
-    keyed = [(d.step, i, d) for i, w in enumerate(walks) for d in w.divergences]
-    return [d for _, _, d in sorted(keyed, key=lambda k: (k[0], k[1]))]
+    keyed = [(d.step, i, j, d) for i, w in enumerate(walks) for j, d in enumerate(w.divergences)]
+    return [d for *_, d in sorted(keyed, key=lambda k: (k[0], k[1], k[2]))]
 
 
 def _metrics(
     walks: Sequence[_Walk],
     candidate: Sequence[RequestOutput],
     baseline: Sequence[RequestOutput],
-    atol: float,
+    rules: _Rules,
     dtype: str,
 ) -> dict[str, Any]:
     """The verdict's metrics (see ``Verdict``)."""
-    diffs = [d for w in walks for d in w.diffs]
     return {
         "requests": len(walks),
         "steps_compared": sum(w.steps for w in walks),
-        "tokens_identical": all(c.token_ids == b.token_ids for c, b in zip(candidate, baseline)),
-        "max_logprob_diff": _max(diffs),
+        "steps_not_compared": sum(w.not_compared for w in walks),
+        "tokens_identical": all(c.token_ids == b.token_ids for c, b in zip(candidate, baseline, strict=True)),
+        "max_logprob_diff": _max([d for w in walks for d in w.diffs]),
+        "max_topk_diff": _max([d for w in walks for d in w.topk_diffs]),
         "steps_over_atol": sum(w.over_atol for w in walks),
-        "divergent_requests": sum(any(d.reason != "logprob" for d in w.divergences) for w in walks),
+        "divergent_requests": sum(any(d.reason in ("token", "length") for d in w.divergences) for w in walks),
         "failing_requests": sum(any(not d.tolerated for d in w.divergences) for w in walks),
         "tolerated_divergences": sum(d.tolerated for w in walks for d in w.divergences),
-        "atol": atol,
+        "replayed_requests": sum(w.replayed for w in walks),
+        "atol": rules.atol,
+        "near_tie": rules.near_tie,
         "dtype": dtype,
     }
 
@@ -368,7 +530,3 @@ def _fmt_top_k(top_k: TopK) -> str:
 def _fmt_float(value: float | None, spec: str = ".2e") -> str:
     """A float for a message, ``n/a`` for ``None``."""
     return "n/a" if value is None else format(value, spec)
-
-
-def _is(flag: bool) -> str:
-    return "is" if flag else "is NOT"

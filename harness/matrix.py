@@ -18,6 +18,9 @@ class Matrix:
     scenarios: tuple[str, ...] = ALL_SCENARIOS
     device: str = "cpu"
     dtype: str = "float32"
+    # Add the oracle case per scenario (harness.orchestrate.oracle_cases): the one-device engine
+    # against Hugging Face transformers, so that a bug every setup shares still fails the gate.
+    oracle: bool = True
 
     def parsed_setups(self, dtype: str | None = None, device: str | None = None) -> list[ParallelSetup]:
         return [ParallelSetup.parse(s, dtype or self.dtype, device or self.device) for s in self.setups]

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from harness import outcome
 from harness.baseline import BaselineCache, hf_generate
 from harness.case import HF_BASELINE, Case, CaseResult
 from harness.compare import compare
-from harness.launch.base import Launcher, WorkerError
+from harness.launch.base import EngineRun, Launcher, WorkerError
 from harness.localize import localize, merge_captures
 from harness.matrix import Matrix
+from harness.mutations import get_mutation
 from harness.scenario import get_scenario
 from harness.setup import ParallelSetup
 from reference_impl.config import load_config
@@ -31,17 +33,30 @@ class RunOptions:
     dtype: str = "float32"
     baseline: str = "auto"  # "auto" | "hf" | a setup id
     model: str = "tiny-llava"
-    policy: str = "logprobs"
+    policy: str = "auto"  # "auto" (outcome.policy_for) | "logprobs" | "exact" | "identical"
     seed: int = 0
     max_new_tokens: int = 16
     fresh_workers: bool = False
     mutation: str | None = None
     use_baseline_cache: bool = True
     localize: bool = True  # replay a failing case with activation capture (selftest turns it off)
+    allow_confounded: bool = False  # accept an explicit baseline that differs in several features
+    fit: bool = False  # --fit: move each setup's tp to the nearest the model takes (harness/fit.py)
 
     def __post_init__(self) -> None:
         if self.backend not in ("ray", "mp"):
             raise ValueError(f"backend {self.backend!r}: choose 'ray' or 'mp'")
+
+
+_T = TypeVar("_T")
+
+
+class _CaseOutcome(Exception):
+    """A case ended before its comparison: ``status`` ("fail" | "error") and why."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
 
 
 @dataclass(frozen=True)
@@ -59,12 +74,33 @@ def available_devices(device: str) -> int | None:
     return torch.cuda.device_count()
 
 
-def baseline_for(setup: ParallelSetup, choice: str) -> ParallelSetup | str:
+# What ``--baseline ID`` must satisfy, named in the error when it does not.
+BASELINE_RULE = ("a baseline must differ from the candidate in exactly one feature "
+                 "(SP; TP/PP degrees; compile mode/partition; chunked prefill; dtype; device)")
+
+
+def baseline_for(setup: ParallelSetup, choice: str, allow_confounded: bool = False) -> ParallelSetup | str:
+    """The baseline of ``setup`` for ``--baseline choice`` ("auto" | "hf" | a setup id).
+
+    An explicit id must differ from ``setup`` in exactly one feature (``ParallelSetup.differences``),
+    so that a failure points at that feature; more than one is refused (``ValueError``) unless
+    ``allow_confounded``; none (the setup itself, which can never fail) is refused always.
+    """
     if choice == "auto":
+        # One eager device has no feature left to take away: its baseline is the oracle.
+        if setup.world_size == 1 and setup.compile == "eager":
+            return HF_BASELINE
         return setup.auto_baseline()
     if choice == HF_BASELINE:
         return HF_BASELINE
     base = ParallelSetup.parse(choice, setup.dtype, setup.device)
+    diff = setup.differences(base)
+    if not diff:
+        raise ValueError(f"{BASELINE_RULE}; {setup.id} vs {base.id} differs in nothing: "
+                         "it compares a setup with itself and can never fail")
+    if len(diff) > 1 and not allow_confounded:
+        raise ValueError(f"{BASELINE_RULE}; {setup.id} vs {base.id} differs in: {', '.join(diff)} "
+                         "(--allow-confounded compares them anyway)")
     return base
 
 
@@ -78,12 +114,41 @@ def plan(matrix: Matrix, options: RunOptions, setups: Sequence[str] | None = Non
         get_scenario(name)
     cfg = load_config(resolve(options.model))
     limit = available_devices(options.device)
+    if options.fit:
+        setup_objs = _fitted(setup_objs, cfg, limit)
     planned = []
     for setup in setup_objs:
         for name in names:
-            case = Case(setup, baseline_for(setup, options.baseline), name, options.model)
+            case = Case(setup, baseline_for(setup, options.baseline, options.allow_confounded), name,
+                        options.model)
             planned.append(PlannedCase(case, _skip_reason(case, cfg, limit)))
+    if matrix.oracle and not setups:
+        planned += [PlannedCase(c, _skip_reason(c, cfg, limit)) for c in oracle_cases(options, names)
+                    if c.id not in {p.case.id for p in planned}]
     return planned
+
+
+ORACLE_SETUP = "tp1-pp1-eager"
+
+
+def oracle_cases(options: RunOptions, scenarios: Sequence[str]) -> list[Case]:
+    """Per scenario: the one-device eager engine against Hugging Face transformers. Every other
+    case compares the engine with itself, so a bug all setups share (the single-device code
+    path) passes them all; this case fails it."""
+    setup = ParallelSetup.parse(ORACLE_SETUP, options.dtype, options.device)
+    return [Case(setup, HF_BASELINE, name, options.model) for name in scenarios]
+
+
+def _fitted(setups: Sequence[ParallelSetup], cfg: Any, limit: int | None) -> list[ParallelSetup]:
+    """``--fit``: each setup through ``fit_setup``; those that fit to one id run once, and a setup
+    nothing fits stays as it is (planned as a skip with its reason)."""
+    from harness.fit import fit_setup
+
+    by_id: dict[str, ParallelSetup] = {}
+    for setup in setups:
+        fitted = fit_setup(setup, cfg, limit) or setup
+        by_id.setdefault(fitted.id, fitted)
+    return list(by_id.values())
 
 
 def _skip_reason(case: Case, cfg: Any, limit: int | None) -> str | None:
@@ -148,13 +213,15 @@ class LauncherPool:
 
         return MpLauncher(world_size, self.device)
 
-    def run(self, setup: ParallelSetup, checkpoint: str, requests: list[Request],
-            prepare: Callable[[Launcher], None] | None = None) -> list[RequestOutput]:
+    def run(self, setup: ParallelSetup, checkpoint: str, requests: list[Request]) -> list[RequestOutput]:
+        """Rank 0's outputs of ``setup`` on ``requests``."""
+        return self.run_traced(setup, checkpoint, requests).outputs
+
+    def run_traced(self, setup: ParallelSetup, checkpoint: str, requests: list[Request]) -> EngineRun:
+        """``setup`` on ``requests``: the outputs and every rank's report."""
         launcher = self.get(setup.world_size)
-        if prepare is not None:
-            prepare(launcher)
         try:
-            return launcher.run(setup.engine_spec(checkpoint), requests)
+            return launcher.run_traced(setup.engine_spec(checkpoint), requests)
         except WorkerError:
             self.drop(setup.world_size)
             raise
@@ -200,8 +267,10 @@ class Orchestrator:
         if options.mutation is not None and options.fresh_workers:
             raise ValueError("--mutation patches pooled workers; it cannot be combined with --fresh-workers")
         self.pool = pool or LauncherPool(options.backend, options.device, options.fresh_workers, options.mutation)
-        # Baselines always come from clean workers.
-        self.baseline_pool = self.pool if options.mutation is None else LauncherPool(
+        # Baselines come from clean workers, except under a mutation of code every setup shares,
+        # which a real engine's baselines would carry too (only the oracle case can tell).
+        shared = options.mutation is not None and get_mutation(options.mutation).shared
+        self.baseline_pool = self.pool if options.mutation is None or shared else LauncherPool(
             options.backend, options.device, options.fresh_workers)
         self.cache = BaselineCache(cache_root() / "baselines")
         self.checkpoint = str(resolve(options.model))
@@ -215,8 +284,8 @@ class Orchestrator:
         return list(self._requests[scenario])
 
     def baseline_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
-        key = BaselineCache.key(self.checkpoint, requests, case.baseline_id, self.options.dtype,
-                                self.options.device)
+        spec = case.baseline if isinstance(case.baseline, str) else case.baseline.engine_spec(self.checkpoint)
+        key = BaselineCache.key(self.checkpoint, requests, spec, self.options.dtype, self.options.device)
         if self.options.use_baseline_cache and (hit := self.cache.get(key)) is not None:
             return hit
         if isinstance(case.baseline, str):
@@ -227,9 +296,10 @@ class Orchestrator:
         self.cache.put(key, outputs)
         return outputs
 
-    def candidate_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
+    def candidate_run(self, case: Case, requests: list[Request]) -> EngineRun:
+        """The candidate's outputs and every rank's report."""
         self._make_room(self.pool, case.setup)
-        return self.pool.run(case.setup, self.checkpoint, requests)
+        return self.pool.run_traced(case.setup, self.checkpoint, requests)
 
     def _make_room(self, user: LauncherPool, setup: ParallelSetup) -> None:
         """Under a mutation the mutated and the clean pool each keep rank processes; on GPUs both
@@ -244,26 +314,67 @@ class Orchestrator:
             other.close()
 
     def run_case(self, planned: PlannedCase) -> CaseResult:
+        """Baseline, candidate, the checks of ``harness.outcome``, the comparison (with a forced
+        replay after a tolerated flip) and, on failure, localization: one final ``CaseResult``."""
         case, start = planned.case, time.monotonic()
         if planned.skip_reason:
             return CaseResult.for_case(case, "skip", reason=planned.skip_reason)
+        requests = self.requests(case.scenario)
         try:
-            requests = self.requests(case.scenario)
-            base = self.baseline_outputs(case, requests)
-            cand = self.candidate_outputs(case, requests)
-        except (WorkerError, RuntimeError, TimeoutError) as exc:  # a crash, a hang, no resources
-            return CaseResult.for_case(case, "error", reason=f"{type(exc).__name__}: {exc}",
+            base = self._side(case, "baseline", lambda: self.baseline_outputs(case, requests))
+            run = self._side(case, "candidate", lambda: self.candidate_run(case, requests))
+        except _CaseOutcome as ended:
+            return CaseResult.for_case(case, ended.status, reason=ended.reason,
                                        seconds=time.monotonic() - start)
-        verdict = compare(cand, base, self.options.policy, self.options.dtype)
+        assert isinstance(base, list) and isinstance(run, EngineRun)
+        matches = outcome.sp_matches(run.ranks)
+        fields: dict[str, Any] = {"sp_matches": matches, "seconds": 0.0}
+        problem = outcome.rank_disagreement(run)
+        vacuous, sp_note = outcome.sp_vacuity(case.setup, matches)
+        if problem or vacuous:
+            return CaseResult.for_case(case, "fail", reason=problem or vacuous or "",
+                                       **{**fields, "seconds": time.monotonic() - start})
+        policy = outcome.policy_for(case, self.options.policy)
+        verdict = compare(run.outputs, base, policy, self.options.dtype)
+        if verdict.replay:
+            try:
+                forced = self._side(case, "candidate", lambda: self.forced_replay(case, requests, base))
+            except _CaseOutcome as failed:
+                return CaseResult.for_case(case, failed.status, reason=failed.reason,
+                                           **{**fields, "seconds": time.monotonic() - start})
+            assert isinstance(forced, dict)
+            replays = {rid: forced[rid] for rid in verdict.replay}
+            verdict = compare(run.outputs, base, policy, self.options.dtype, forced=replays)
         divergence = verdict.first_divergence.to_json() if verdict.first_divergence else None
         localization = None
         if not verdict.passed and divergence is not None and self.options.localize:
             localization = self.localize(case, requests, divergence["request_id"])
+        metrics = {**verdict.metrics, "policy": policy, **({"sp_note": sp_note} if sp_note else {})}
         return CaseResult.for_case(
             case, "pass" if verdict.passed else "fail", reason="" if verdict.passed else verdict.message(),
-            first_divergence=divergence, localization=localization, metrics=dict(verdict.metrics),
-            seconds=time.monotonic() - start,
+            first_divergence=divergence, localization=localization, metrics=metrics,
+            sp_matches=matches, seconds=time.monotonic() - start,
         )
+
+    def _side(self, case: Case, side: str, produce: Callable[[], _T]) -> _T:
+        """``produce()``, with its failure turned into the case's outcome: an exception in engine
+        code is a ``fail`` (``outcome.worker_failure``), a crash, hang or lack of resources an
+        ``error``."""
+        setup_id = case.setup.id if side == "candidate" else case.baseline_id
+        try:
+            return produce()
+        except WorkerError as exc:
+            raise _CaseOutcome(*outcome.worker_failure(exc, side, setup_id)) from exc
+        except (RuntimeError, TimeoutError, OSError) as exc:  # no resources, Ray, transformers
+            raise _CaseOutcome("error", f"infrastructure: {side} {setup_id}: {type(exc).__name__}: {exc}") from exc
+
+    def forced_replay(self, case: Case, requests: list[Request], base: list[RequestOutput]
+                      ) -> dict[str, RequestOutput]:
+        """The candidate rerun with every request forced along the baseline's tokens (the same
+        batch, so the same schedule), by request id."""
+        by_id = {o.request_id: o for o in base}
+        forced = [replace(r, forced_tokens=tuple(by_id[r.request_id].token_ids)) for r in requests]
+        return {o.request_id: o for o in self.candidate_run(case, forced).outputs}
 
     def localize(self, case: Case, requests: list[Request], request_id: str) -> dict[str, Any] | None:
         """Replay the batch's prefill (the failing request with the requests it was batched with)

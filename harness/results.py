@@ -5,11 +5,14 @@ The formats are a contract with CI and other tools:
 - ``results.jsonl``: one ``CaseResult.to_json()`` object per line, appended and fsync'd as each case
   finishes, so a killed run loses nothing finished. On reading, a truncated last line (the run was
   killed mid-write) is ignored, and when an id appears more than once the last record wins.
-- ``summary.json``: ``{"cases": [...], "totals": {"pass", "fail", "error", "skip"}, "environment": {...}}``.
+- ``summary.json``: ``{"run": {...}, "cases": [...], "totals": {"pass", "fail", "error", "skip"},
+  "environment": {...}}``; ``"run"`` (the run's settings, ``harness.run_meta``) when known. A merge
+  (``parity report``) adds ``"inputs": [{"dir", "run", "environment"}]`` and ``"overridden"``.
 - ``junit.xml``: one ``<testsuite>`` with one ``<testcase>`` per case.
 
-Exit codes of a run (``exit_code``): 0 all cases passed (skips allowed), 1 at least one comparison
-failed, 3 infrastructure errors and no comparison failure. (2, a usage error, is the CLI's.)
+Exit codes of a run (``exit_code``): 0 every case that ran passed (skips allowed) and at least one
+ran, 1 at least one comparison failed, 3 infrastructure errors and no comparison failure, 4 no case
+ran (every case skipped, or none planned). (2, a usage error, is the CLI's.)
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import subprocess
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +43,9 @@ EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 EXIT_INFRA = 3
+# Every case skipped (or none planned): a green exit would claim a parity check that never happened,
+# e.g. a 9-head model on a tp2/tp4 matrix.
+EXIT_NOTHING_RAN = 4
 
 
 # --- results.jsonl -----------------------------------------------------------------------------
@@ -102,16 +109,86 @@ def read_results(path: Path) -> list[CaseResult]:
     return list(by_id.values())
 
 
-def merge(dirs: Sequence[Path]) -> list[CaseResult]:
-    """Results of several shard directories' ``results.jsonl``; later directories win on duplicate ids."""
+class DuplicateCaseError(ValueError):
+    """A case id recorded in two of the directories being merged (which record is right?)."""
+
+
+@dataclass(frozen=True)
+class Override:
+    """Case ``id`` of ``dir`` was replaced by the record of the later directory ``by``."""
+
+    id: str
+    dir: str
+    by: str
+
+
+@dataclass
+class Merged:
+    """Several run directories as one: the results, every input run's settings and environment
+    (``{"dir", "run", "environment"}``, from its ``summary.json``), and the overridden records."""
+
+    results: list[CaseResult]
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    overridden: list[Override] = field(default_factory=list)
+    dirs: int = 0
+
+    def run(self) -> dict[str, Any]:
+        """The settings every input shares (a key with differing or missing values is left out),
+        with ``merged_from``: the number of directories merged."""
+        runs = [r for i in self.inputs if isinstance(r := i.get("run"), dict)]
+        common: dict[str, Any] = {}
+        if runs and len(runs) == len(self.inputs):  # an input without settings shares none
+            first, rest = runs[0], runs[1:]
+            common = {k: v for k, v in first.items() if all(k in r and r[k] == v for r in rest)}
+        return {**common, "merged_from": self.dirs}
+
+
+def merge(dirs: Sequence[Path], *, allow_duplicates: bool = False) -> Merged:
+    """Results of several run directories' ``results.jsonl``, with their settings and environments.
+
+    A case id in two directories raises ``DuplicateCaseError`` naming both, unless
+    ``allow_duplicates``: the later directory's record then wins and is listed in ``overridden``.
+    Everything is read here, so the output may be written over one of the inputs afterwards.
+    """
     by_id: dict[str, CaseResult] = {}
+    origin: dict[str, str] = {}
+    merged = Merged([], dirs=len(dirs))
     for d in dirs:
         path = Path(d) / RESULTS_FILE
         if not path.exists():
             raise FileNotFoundError(f"{d}: no {RESULTS_FILE} to merge")
         for result in read_results(path):
-            by_id[result.id] = result
-    return list(by_id.values())
+            if result.id in origin:
+                if not allow_duplicates:
+                    raise DuplicateCaseError(
+                        f"case {result.id} is in both {origin[result.id]} and {d}; "
+                        "--allow-duplicates keeps the later directory's record")
+                merged.overridden.append(Override(result.id, origin[result.id], str(d)))
+            by_id[result.id], origin[result.id] = result, str(d)
+        merged.inputs.extend(_inputs_of(Path(d)))
+    merged.results = list(by_id.values())
+    return merged
+
+
+def _inputs_of(d: Path) -> list[dict[str, Any]]:
+    """``d``'s run settings and environment from its ``summary.json`` (None where missing); a merged
+    directory stands for its own inputs, whose environments are where the cases ran."""
+    try:
+        data = json.loads((d / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    if isinstance(data.get("inputs"), list):
+        return [i for i in data["inputs"] if isinstance(i, dict)]
+    return [{"dir": str(d), "run": data.get("run"), "environment": data.get("environment")}]
+
+
+def write_results(out_dir: Path, results: Sequence[CaseResult]) -> Path:
+    """Write ``out_dir/results.jsonl`` at once (a merge's records; runs append with ``ResultStore``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _atomic_write(out_dir / RESULTS_FILE, "".join(dumps_line(r) for r in results))
 
 
 def _repair_tail(path: Path) -> None:
@@ -179,12 +256,15 @@ def totals(results: Iterable[CaseResult]) -> dict[str, int]:
 
 
 def exit_code(results: Iterable[CaseResult]) -> int:
-    """1 if any case failed a comparison; else 3 if any infrastructure error; else 0."""
+    """1 if any case failed a comparison; else 3 if any infrastructure error; else 4 if no case ran
+    (all skipped, or none at all); else 0."""
     counts = totals(results)
     if counts["fail"]:
         return EXIT_FAIL
     if counts["error"]:
         return EXIT_INFRA
+    if not counts["pass"]:
+        return EXIT_NOTHING_RAN
     return EXIT_OK
 
 
@@ -249,20 +329,29 @@ def _cuda_devices() -> list[str]:
 # --- summary.json ------------------------------------------------------------------------------
 
 
-def summary(results: Sequence[CaseResult], env: dict[str, Any]) -> dict[str, Any]:
-    """The ``summary.json`` document: cases in the order given, totals and environment."""
+def summary(results: Sequence[CaseResult], env: dict[str, Any], run: dict[str, Any] | None = None,
+            merged: Merged | None = None) -> dict[str, Any]:
+    """The ``summary.json`` document: the run's settings (when given) first, a merge's inputs and
+    overridden records (when ``merged``), cases in the order given, totals and environment."""
+    doc: dict[str, Any] = {} if run is None else {"run": _jsonable(run)}
+    if merged is not None:
+        doc["inputs"] = _jsonable(merged.inputs)
+        doc["overridden"] = [_jsonable(vars(o)) for o in merged.overridden]
     return {
+        **doc,
         "cases": [_jsonable(r.to_json()) for r in results],
         "totals": totals(results),
         "environment": _jsonable(env),
     }
 
 
-def write_summary(out_dir: Path, results: Sequence[CaseResult], environment: dict[str, Any]) -> Path:
+def write_summary(out_dir: Path, results: Sequence[CaseResult], environment: dict[str, Any],
+                  run: dict[str, Any] | None = None, merged: Merged | None = None) -> Path:
     """Write ``out_dir/summary.json`` (indent 2) and return its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(summary(results, environment), indent=2, ensure_ascii=False, allow_nan=False)
+    doc = summary(results, environment, run, merged)
+    text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
     return _atomic_write(out_dir / SUMMARY_FILE, text + "\n")
 
 
@@ -348,7 +437,9 @@ def write_junit(out_dir: Path, results: Sequence[CaseResult], suite_name: str = 
 
 
 __all__ = [
-    "EXIT_FAIL", "EXIT_INFRA", "EXIT_OK", "EXIT_USAGE", "JUNIT_FILE", "RESULTS_FILE", "SUMMARY_FILE",
-    "ResultStore", "dumps_line", "environment", "exit_code", "format_divergence", "junit_tree", "merge",
-    "read_results", "summary", "totals", "write_junit", "write_summary",
+    "EXIT_FAIL", "EXIT_INFRA", "EXIT_NOTHING_RAN", "EXIT_OK", "EXIT_USAGE", "JUNIT_FILE", "RESULTS_FILE",
+    "SUMMARY_FILE",
+    "DuplicateCaseError", "Merged", "Override", "ResultStore", "dumps_line", "environment", "exit_code",
+    "format_divergence", "junit_tree", "merge", "read_results", "summary", "totals", "write_junit",
+    "write_results", "write_summary",
 ]

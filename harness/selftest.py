@@ -34,11 +34,17 @@ class SelftestReport:
         return {r.id for r in self.clean if r.status in ("fail", "error")}
 
     def _hits(self, results: Sequence[CaseResult]) -> list[CaseResult]:
+        """The cases that caught a mutation: ``fail`` only (the engine got them wrong). An
+        ``error`` is the infrastructure's (a crashed worker, a timeout) and catches nothing."""
         bad = self.clean_failures
-        return [r for r in results if r.status in ("fail", "error") and r.id not in bad]
+        return [r for r in results if r.status == "fail" and r.id not in bad]
 
     def caught_by(self, mutation: str) -> list[CaseResult]:
         return self._hits(self.mutated[mutation])
+
+    def errors_under(self, mutation: str) -> list[CaseResult]:
+        """Infrastructure errors of a mutated run: reported, never counted as catches."""
+        return [r for r in self.mutated[mutation] if r.status == "error"]
 
     @property
     def passed(self) -> bool:
@@ -56,7 +62,9 @@ class SelftestReport:
                 ran = [r for r in results
                        if r.scenario == sc and r.status != "skip" and r.id not in self.clean_failures]
                 cells.append(", ".join(_short(r) for r in hits) if hits else ("missed" if ran else "skip"))
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {'yes' if self.caught_by(name) else 'NO'} |")
+            errors = len(self.errors_under(name))
+            verdict = ("yes" if self.caught_by(name) else "NO") + (f" ({errors} errors)" if errors else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {verdict} |")
         return "\n".join(lines)
 
     def margins(self) -> dict[str, Any]:
@@ -68,11 +76,11 @@ class SelftestReport:
                      if r.metrics.get("activation_error") is not None]
         caught: list[tuple[float, str]] = []
         caught_act: list[float] = []
-        token_failures = errors = invisible = 0
+        token_failures = raised = invisible = 0
         for name, results in self.mutated.items():
             for r in self._hits(results):
-                if r.status == "error":
-                    errors += 1
+                if r.reason.startswith("engine raised"):
+                    raised += 1
                     continue
                 loc = r.localization or {}
                 if loc.get("layer") is not None and loc.get("per_layer_error"):
@@ -94,7 +102,8 @@ class SelftestReport:
                 "caught_not_visible_in_prefill": invisible,
                 "smallest_caught_logprob_diff": weakest[0], "weakest_logprob_catch": weakest[1],
                 "caught_by_token_or_length": token_failures,
-                "caught_by_error": errors}
+                "caught_by_engine_exception": raised,
+                "infrastructure_errors": sum(len(self.errors_under(m)) for m in self.mutated)}
 
     def to_json(self) -> dict[str, Any]:
         return {"matrix": self.matrix, "clean_passed": self.clean_passed, "passed": self.passed,
@@ -109,7 +118,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _short(r: CaseResult) -> str:
-    return r.setup + ("!" if r.status == "error" else "")
+    return r.setup + ("!" if r.reason.startswith("engine raised") else "")
 
 
 def run_matrix(options: RunOptions, planned: Sequence[PlannedCase], out: Path, label: str) -> list[CaseResult]:
@@ -162,12 +171,15 @@ def write(report: SelftestReport, out: Path) -> None:
             f"clean run: {'PASS' if report.clean_passed else 'FAIL'}; "
             f"every mutation caught: {'yes' if all(report.caught_by(m) for m in report.mutated) else 'NO'}", "",
             "Cells list the setups whose case of that scenario caught the mutation "
-            "(`!`: caught as an error, e.g. a shape check or a crash); a case that fails clean is not counted.",
+            "(`!`: the engine raised, e.g. a shape check: a `fail`); only `fail`s count, infrastructure "
+            "errors are reported apart; a case that fails clean is not counted.",
             "", report.scenario_table(), "",
             f"Largest clean |Δ logprob|: {margins['largest_clean_logprob_diff']:.2e}; smallest |Δ logprob| of a "
             f"case caught on logprobs: {margins['smallest_caught_logprob_diff']:.2e} "
             f"({margins['weakest_logprob_catch'] or 'none'}); caught by a token/length "
-            f"divergence: {margins['caught_by_token_or_length']}; caught as errors: {margins['caught_by_error']}.",
+            f"divergence: {margins['caught_by_token_or_length']}; caught by an engine exception: "
+            f"{margins['caught_by_engine_exception']}; infrastructure errors (no catch): "
+            f"{margins['infrastructure_errors']}.",
             ""]
     if margins["largest_clean_activation_error"] is not None:
         text += [f"Activations (localizer, relative per-layer error): largest clean "

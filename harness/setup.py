@@ -15,6 +15,16 @@ DEVICES = ("cpu", "cuda")
 # chunked and steps mix prefill with decode.
 MAX_NUM_BATCHED_TOKENS = 24
 MAX_NUM_SEQS = 8
+# The features a baseline may take away, each with the fields that make it up (``differences``):
+# a baseline that differs from its candidate in more than one confounds them in a failure.
+_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("tp/pp", ("tp", "pp")),
+    ("sp", ("sp", "sp_min_tokens")),
+    ("compile", ("compile", "partition")),
+    ("batching", ("chunked_prefill",)),
+    ("dtype", ("dtype",)),
+    ("device", ("device",)),
+)
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,13 @@ class ParallelSetup:
         if self.world_size > 1:
             return self.single_device()
         return replace(self, compile="eager", partition="full")
+
+    def differences(self, other: ParallelSetup) -> list[str]:
+        """The features in which ``other`` differs from this setup, in a fixed order: "tp/pp"
+        (degrees), "sp" (SP and its minimum step size), "compile" (mode and partition),
+        "batching" (chunked prefill), "dtype", "device". A baseline should differ in exactly one."""
+        return [name for name, fields in _FEATURES
+                if any(getattr(self, f) != getattr(other, f) for f in fields)]
 
     def engine_spec(self, checkpoint: str) -> EngineSpec:
         return EngineSpec(

@@ -60,7 +60,7 @@ def build_runner(spec: EngineSpec, rank_device: torch.device) -> Runner:
     comm: StageComm = LocalComm()
     if spec.pp > 1:
         comm = PipelineComm(state, model.cfg.text.hidden_size, spec.torch_dtype, rank_device, spec.compile)
-    runner = Runner(model, spec.engine, comm)
+    runner = Runner(model, spec.engine, comm, state=state)
     if spec.compile.mode != "eager":
         from reference_impl.compile.compiled_model import CompiledModel
 

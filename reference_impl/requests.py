@@ -18,6 +18,11 @@ class Request:
     ``images`` are ``(C, S, S)`` pixel tensors, in order of their placeholders. Generation is
     greedy and runs for exactly ``max_new_tokens`` (no end-of-sequence stop), so every setup
     produces the same number of tokens to compare.
+
+    ``forced_tokens`` (teacher forcing): step ``i`` takes ``forced_tokens[i]`` instead of the
+    greedy token; the output then holds the forced ids with *their* logprobs, and each step's
+    top-k as the engine computed it (its first entry is the engine's own greedy choice). Two
+    engines forced along the same tokens are compared on the same prefixes at every step.
     """
 
     request_id: str
@@ -26,6 +31,7 @@ class Request:
     images: tuple[torch.Tensor, ...] = ()
     max_new_tokens: int = 16
     top_k: int = 5
+    forced_tokens: tuple[int, ...] | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -68,6 +74,11 @@ def validate_request(req: Request, cfg: ModelConfig, max_model_len: int, dtype: 
         )
     if req.prompt_ids is not None:
         _check_ids(rid, req.prompt_ids, cfg.text.vocab_size)
+    if req.forced_tokens is not None:
+        if len(req.forced_tokens) != req.max_new_tokens:
+            raise ValueError(f"request {rid}: {len(req.forced_tokens)} forced tokens for "
+                             f"max_new_tokens={req.max_new_tokens}; give one per generated token")
+        _check_ids(rid, req.forced_tokens, cfg.text.vocab_size)
     if req.prompt_embeds is not None:
         _check_embeds(rid, req.prompt_embeds, cfg.text.hidden_size, dtype)
     _check_images(req, cfg)

@@ -18,6 +18,7 @@ import torch
 
 from reference_impl.attention import AttentionMetadata, KVCache, SeqSlice, forward_context
 from reference_impl.model import CausalLM, IntermediateTensors
+from reference_impl.parallel.groups import SINGLE, ParallelState, use_state
 from reference_impl.requests import Request, RequestOutput, validate_request
 from reference_impl.scheduler import Chunk, Scheduler, SchedulerConfig, SeqState
 
@@ -92,10 +93,16 @@ class LocalComm:
         return samples
 
 
-def sample_greedy(logits: torch.Tensor, k: int) -> SampledTokens:
-    """logits: (n, vocab) fp32 -> greedy ids (ties: lowest id) with logprobs and top-k."""
+def sample_greedy(logits: torch.Tensor, k: int, forced: Sequence[int | None] = ()) -> SampledTokens:
+    """logits: (n, vocab) fp32 -> greedy ids (ties: lowest id) with logprobs and top-k.
+
+    ``forced[i]``, when given and not None, replaces row ``i``'s greedy id (teacher forcing);
+    its logprob is then the forced token's, and the top-k stays the engine's own."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     ids = torch.argmax(logprobs, dim=-1)  # (n,)
+    for row, token in enumerate(forced):
+        if token is not None:
+            ids[row] = token
     top_lp, top_ids = torch.topk(logprobs, k, dim=-1)  # (n, k)
     chosen = logprobs.gather(-1, ids[:, None])[:, 0]
     return SampledTokens(ids, chosen, top_ids, top_lp)
@@ -110,6 +117,7 @@ class Runner:
     comm: StageComm = field(default_factory=LocalComm)
     model_fn: ModelFn | None = None  # compiled forward; None runs the model eagerly
     pad_tokens: Callable[[int], int] = lambda n: n  # token-count bucketing (SP needs multiples of tp)
+    state: ParallelState = SINGLE  # this engine's ranks and groups (set current while it runs)
     kv_caches: dict[str, KVCache] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -210,7 +218,7 @@ class Runner:
         if self.comm.is_last:
             assert isinstance(out, torch.Tensor)
             logits = self.model.compute_logits(out[batch.sample_rows])
-            samples = sample_greedy(logits, k)
+            samples = sample_greedy(logits, k, _forced(batch.chunks))
         samples = self.comm.broadcast_samples(samples, n, k)
         self._record(batch, samples)
 
@@ -275,7 +283,7 @@ class Runner:
 
     def run_model(self, batch: StepBatch) -> torch.Tensor | IntermediateTensors:
         intermediate = self.comm.recv_intermediate(batch)
-        with torch.no_grad(), forward_context(batch.metadata, self.kv_caches):
+        with torch.no_grad(), use_state(self.state), forward_context(batch.metadata, self.kv_caches):
             if self.model_fn is not None:
                 out = self.model_fn(batch, intermediate)
             else:
@@ -302,3 +310,13 @@ class Runner:
             out.token_ids.append(int(ids[i]))
             out.logprobs.append(float(lps[i]))
             out.top_logprobs.append(list(zip(top_ids[i][:k], top_lps[i][:k])))
+
+
+def _forced(chunks: list[Chunk]) -> list[int | None]:
+    """Per sampling row of a step: the request's forced token for this step, or None."""
+    forced: list[int | None] = []
+    for c in chunks:
+        if c.sample:
+            tokens = c.seq.request.forced_tokens
+            forced.append(None if tokens is None else tokens[len(c.seq.output.token_ids)])
+    return forced

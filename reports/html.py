@@ -19,7 +19,7 @@ import jinja2
 from markupsafe import Markup, escape
 
 from harness.case import STATUSES, CaseResult
-from harness.results import totals, write_junit, write_summary
+from harness.results import Merged, totals, write_junit, write_summary
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE = "index.html.j2"
@@ -27,6 +27,14 @@ INDEX_FILE = "index.html"
 # Shown first in the header's environment table, in this order; other keys follow.
 ENV_KEYS = ("git_sha", "device", "python", "torch", "transformers", "ray", "platform", "hostname",
             "cpu_count", "timestamp")
+# Columns of a merged report's inputs table after the directory: (heading, summary.json part, key);
+# the settings that tell shards or runs apart, and where each ran.
+INPUT_COLUMNS = (
+    ("matrix", "run", "matrix"), ("setups", "run", "setups"), ("mutation", "run", "mutation"),
+    ("device", "run", "device"), ("dtype", "run", "dtype"), ("backend", "run", "backend"),
+    ("git sha", "environment", "git_sha"), ("host", "environment", "hostname"),
+    ("time", "environment", "timestamp"),
+)
 # Detail sections, most severe first (skips are listed in their own table).
 DETAIL_ORDER = ("fail", "error", "pass")
 
@@ -108,6 +116,14 @@ class TimingRow:
     percent: float
 
 
+@dataclass(frozen=True)
+class InputRow:
+    """One merged input directory: its path and the ``INPUT_COLUMNS`` values."""
+
+    dir: str
+    cells: list[str]
+
+
 @dataclass
 class ReportView:
     """Everything ``index.html.j2`` renders."""
@@ -120,6 +136,10 @@ class ReportView:
     details: list[tuple[str, list[CaseView]]]
     skipped: list[CaseView]
     timings: list[TimingRow] = field(default_factory=list)
+    run: list[tuple[str, str]] = field(default_factory=list)  # the run settings table
+    mutation: str = ""  # the injected mutation(s): a banner says failures are expected
+    inputs: list[InputRow] = field(default_factory=list)  # a merge's input directories
+    overridden: list[tuple[str, str, str]] = field(default_factory=list)  # (id, dir, later dir)
 
 
 # --- formatting --------------------------------------------------------------------------------
@@ -313,13 +333,45 @@ def _timings(cases: Sequence[CaseView]) -> list[TimingRow]:
     return [TimingRow(c, 100.0 * max(c.result.seconds, 0.0) / longest) for c in ordered]
 
 
-def report_view(results: Sequence[CaseResult], environment: dict[str, Any], title: str) -> ReportView:
+def _setting(value: Any) -> str:
+    """A run setting for display: a list of names comma-separated, anything else as ``fmt`` has it."""
+    return ", ".join(map(str, value)) if isinstance(value, list) else fmt(value)
+
+
+def _run_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(str(k), _setting(v)) for k, v in run.items()]
+
+
+def _input_rows(inputs: Sequence[dict[str, Any]]) -> list[InputRow]:
+    rows = []
+    for i in inputs:
+        parts: dict[str, dict[str, Any]] = {
+            part: value if isinstance(value := i.get(part), dict) else {} for part in ("run", "environment")}
+        cells = [_setting(parts[part].get(key)) for _, part, key in INPUT_COLUMNS]
+        rows.append(InputRow(str(i.get("dir")), cells))
+    return rows
+
+
+def _mutations(run: dict[str, Any] | None, merged: Merged | None) -> str:
+    """The mutations injected into the run, or into any merged input (comma-separated; "" if none)."""
+    runs = [run or {}] + [i.get("run") or {} for i in (merged.inputs if merged else [])]
+    return ", ".join(_unique([str(r["mutation"]) for r in runs if isinstance(r, dict) and r.get("mutation")]))
+
+
+def report_view(results: Sequence[CaseResult], environment: dict[str, Any], title: str,
+                run: dict[str, Any] | None = None, merged: Merged | None = None) -> ReportView:
+    """The view of ``results``; ``run``: the run's settings; ``merged``: a merge's inputs and overrides."""
     cases = [case_view(r, a) for r, a in zip(results, _anchors(results))]
+    mutation = _mutations(run, merged)
     return ReportView(
-        title=title, totals=totals(results), total_seconds=f"{sum(r.seconds for r in results):.1f}",
+        title=f"{title} — MUTATION RUN: {mutation}" if mutation else title,
+        totals=totals(results), total_seconds=f"{sum(r.seconds for r in results):.1f}",
         environment=_environment_rows(environment), grids=grids(cases),
         details=[(s, [c for c in cases if c.result.status == s]) for s in DETAIL_ORDER],
         skipped=[c for c in cases if c.result.status == "skip"], timings=_timings(cases),
+        run=_run_rows(run or {}), mutation=mutation,
+        inputs=_input_rows(merged.inputs) if merged else [],
+        overridden=[(o.id, o.dir, o.by) for o in merged.overridden] if merged else [],
     )
 
 
@@ -335,27 +387,32 @@ def _jinja() -> jinja2.Environment:
 
 def render_html(
     results: Sequence[CaseResult], environment: dict[str, Any], title: str = "parity report",
+    run: dict[str, Any] | None = None, merged: Merged | None = None,
 ) -> str:
-    """The report as a string."""
-    view = report_view(results, environment, title)
-    return _jinja().get_template(TEMPLATE).render(view=view, statuses=STATUSES)
+    """The report as a string (``run``: the settings for the header; ``merged``: a merge's inputs)."""
+    view = report_view(results, environment, title, run, merged)
+    return _jinja().get_template(TEMPLATE).render(
+        view=view, statuses=STATUSES, input_columns=[heading for heading, _, _ in INPUT_COLUMNS])
 
 
 def render_index(
     out_dir: Path, results: list[CaseResult], environment: dict[str, Any], title: str = "parity report",
+    run: dict[str, Any] | None = None, merged: Merged | None = None,
 ) -> Path:
     """Write the self-contained ``out_dir/index.html`` and return its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / INDEX_FILE
-    path.write_text(render_html(results, environment, title), encoding="utf-8")
+    path.write_text(render_html(results, environment, title, run, merged), encoding="utf-8")
     return path
 
 
 def render_all(
     out_dir: Path, results: list[CaseResult], environment: dict[str, Any], title: str = "parity report",
+    run: dict[str, Any] | None = None, merged: Merged | None = None,
 ) -> Path:
-    """Write ``summary.json``, ``junit.xml`` and ``index.html`` into ``out_dir``; return the index path."""
-    write_summary(out_dir, results, environment)
+    """Write ``summary.json``, ``junit.xml`` and ``index.html`` into ``out_dir``; return the index path.
+    ``run``: the run's settings (``harness.run_meta``); ``merged``: the inputs of a ``parity report``."""
+    write_summary(out_dir, results, environment, run, merged)
     write_junit(out_dir, results)
-    return render_index(out_dir, results, environment, title)
+    return render_index(out_dir, results, environment, title, run, merged)

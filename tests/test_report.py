@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from harness.case import CaseResult
+from harness.results import Merged, Override
 from reports import render_all, render_index
 from reports.html import per_layer_chart
 
@@ -230,3 +231,61 @@ def test_templates_are_package_data() -> None:
     config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
     assert "templates/*.j2" in config["tool"]["setuptools"]["package-data"]["reports"]
     assert (root / "reports" / "templates" / "index.html.j2").is_file()
+
+
+# --- run settings, mutation banner, merged inputs ----------------------------------------------
+
+RUN = {"matrix": "smoke", "setups": ["tp2-sp-graph-full", "tp2-eager"], "scenarios": ["text"], "model": "tiny-llama",
+       "baseline": "auto", "tolerances": {"logprob_atol": 0.001}, "seed": 3, "mutation": None,
+       "command": "parity run --matrix smoke"}
+BANNER = "MUTATION RUN: all-gather-reversed-order injected — failures here are expected"
+
+
+def test_run_settings_table_above_environment(tmp_path: Path) -> None:
+    text = render_index(tmp_path, sample(), ENV, run=RUN).read_text(encoding="utf-8")
+    [(_, run)] = parse(text).find("table", "run")
+    assert "run settings" in run and "tp2-sp-graph-full, tp2-eager" in run and "parity run --matrix smoke" in run
+    assert '{"logprob_atol": 0.001}' in run
+    assert text.index('class="kv run"') < text.index('class="kv env"')
+    assert not parse(render_index(tmp_path, sample(), ENV).read_text(encoding="utf-8")).find("table", "run")
+
+
+def test_mutation_banner_only_for_a_mutation_run(tmp_path: Path) -> None:
+    mutated = parse(render_index(tmp_path, sample(), ENV, run={**RUN, "mutation": "all-gather-reversed-order"})
+                    .read_text(encoding="utf-8"))
+    [(_, banner)] = mutated.find("div", "mutation-banner")
+    assert banner == BANNER
+    assert "MUTATION RUN: all-gather-reversed-order" in mutated.find("title")[0][1]
+    assert "MUTATION RUN: all-gather-reversed-order" in mutated.find("h1")[0][1]
+    for run in (RUN, None):
+        clean = parse(render_index(tmp_path, sample(), ENV, run=run).read_text(encoding="utf-8"))
+        assert clean.find("div", "mutation-banner") == []
+        assert clean.find("title")[0][1] == "parity report"
+
+
+def test_merged_report_lists_inputs_and_overrides(tmp_path: Path) -> None:
+    merged = Merged(sample(), inputs=[
+        {"dir": "shard0", "run": {**RUN, "mutation": "all-gather-reversed-order"},
+         "environment": {"hostname": "node-a", "git_sha": "aaa"}},
+        {"dir": "shard1", "run": None, "environment": {"hostname": "node-b"}},
+    ], overridden=[Override("tiny-llama/tp2-sp-graph-full-text", "shard0", "shard1")], dirs=2)
+    text = render_index(tmp_path, sample(), ENV, run=merged.run(), merged=merged).read_text(encoding="utf-8")
+    doc = parse(text)
+    [(_, inputs)] = doc.find("table", "inputs")
+    assert "shard0" in inputs and "node-a" in inputs and "aaa" in inputs and "shard1" in inputs and "node-b" in inputs
+    [(_, warning)] = doc.find("div", "overrides")
+    assert "tiny-llama/tp2-sp-graph-full-text" in warning and "overridden by" in warning
+    # One input was a mutation run: the merged page says so although the inputs' common run does not.
+    assert merged.run() == {"merged_from": 2}
+    assert [t for _, t in doc.find("div", "mutation-banner")] == [BANNER]
+    plain = parse(render_index(tmp_path, sample(), ENV).read_text(encoding="utf-8"))
+    assert plain.find("table", "inputs") == [] and plain.find("div", "overrides") == []
+
+
+def test_render_all_writes_run_and_inputs_to_summary(tmp_path: Path) -> None:
+    merged = Merged(sample(), inputs=[{"dir": "a", "run": RUN, "environment": ENV}], dirs=1)
+    render_all(tmp_path, sample(), ENV, run=merged.run(), merged=merged)
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert list(summary) == ["run", "inputs", "overridden", "cases", "totals", "environment"]
+    assert summary["run"] == {**RUN, "merged_from": 1}
+    assert summary["inputs"] == [{"dir": "a", "run": RUN, "environment": ENV}]

@@ -8,7 +8,9 @@ import os
 import re
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import asdict
 from datetime import datetime, timedelta
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from harness.results import ResultStore, exit_code, merge, totals, write_junit, 
 
 # The contract's field names, spelled out here (not derived from the dataclass) on purpose.
 CASE_KEYS = {"id", "setup", "baseline", "scenario", "model", "status", "reason", "first_divergence",
-             "localization", "metrics", "seconds"}
+             "localization", "sp_matches", "metrics", "seconds"}
 DIVERGENCE = {
     "request_id": "req-3", "step": 5, "candidate_token": 42, "baseline_token": 17,
     "candidate_top_k": [[42, -0.5], [17, -0.9]], "baseline_top_k": [[17, -0.4], [42, -1.1]],
@@ -178,9 +180,9 @@ def test_totals_has_all_four_keys(statuses: list[str], expected: dict[str, int])
 @pytest.mark.parametrize(
     ("statuses", "code"),
     [
-        ([], 0),
+        ([], 4),  # nothing ran
         (["pass"], 0),
-        (["skip"], 0),
+        (["skip"], 4),
         (["pass", "skip"], 0),
         (["fail"], 1),
         (["fail", "pass"], 1),
@@ -273,6 +275,31 @@ def test_summary_json_keys_exactly_per_contract(tmp_path: Path) -> None:
     assert [CaseResult.from_json(c) for c in data["cases"]] == cases
 
 
+def test_summary_json_has_the_run_settings_first(tmp_path: Path) -> None:
+    from harness.compare import tolerance_for
+    from harness.orchestrate import RunOptions
+    from harness.run_meta import run_settings
+
+    opts = RunOptions(backend="mp", model="tiny-llama", dtype="bfloat16", seed=7, mutation="all-gather-reversed-order")
+    run = run_settings(opts, "smoke", ["tp2-eager"], ["text", "mixed"],
+                       ["parity", "run", "--setups", "tp2-eager", "--out", "my dir"])
+    data = json.loads(write_summary(tmp_path, [make()], {"git_sha": "abc"}, run=run).read_text(encoding="utf-8"))
+    assert list(data) == ["run", "cases", "totals", "environment"]
+    got = data["run"]
+    assert set(got) == {"matrix", "setups", "scenarios", "model", "checkpoint_hash", "baseline", "policy",
+                        "tolerances", "dtype", "device", "backend", "seed", "mutation", "command", "version",
+                        "git_sha"}
+    assert (got["matrix"], got["setups"], got["scenarios"], got["model"]) == (
+        "smoke", ["tp2-eager"], ["text", "mixed"], "tiny-llama")
+    assert (got["dtype"], got["device"], got["backend"], got["seed"]) == ("bfloat16", "cpu", "mp", 7)
+    assert (got["baseline"], got["policy"], got["mutation"]) == ("auto", opts.policy, "all-gather-reversed-order")
+    assert got["tolerances"] == asdict(tolerance_for("bfloat16")) != asdict(tolerance_for("float32"))
+    assert got["command"] == "parity run --setups tp2-eager --out 'my dir'"
+    assert re.fullmatch(r"[0-9a-f]{16}", got["checkpoint_hash"])
+    assert got["version"] == metadata.version("parity-harness")
+    assert got["git_sha"] == res._git_sha()
+
+
 # --- junit.xml ---------------------------------------------------------------------------------
 
 
@@ -336,11 +363,46 @@ def test_merge_later_dirs_win(tmp_path: Path) -> None:
     b.append(make(scenario="z"))
     with b.path.open("a", encoding="utf-8") as f:
         f.write('{"id": "trunc')
-    merged = merge([a.out_dir, b.out_dir])
-    assert [(r.scenario, r.status) for r in merged] == [("x", "pass"), ("y", "fail"), ("z", "pass")]
-    assert [(r.scenario, r.status) for r in merge([b.out_dir, a.out_dir])] == [
+    merged = merge([a.out_dir, b.out_dir], allow_duplicates=True)
+    assert [(r.scenario, r.status) for r in merged.results] == [("x", "pass"), ("y", "fail"), ("z", "pass")]
+    assert merged.overridden == [res.Override(make(scenario="y").id, str(a.out_dir), str(b.out_dir))]
+    assert [(r.scenario, r.status) for r in merge([b.out_dir, a.out_dir], allow_duplicates=True).results] == [
         ("y", "error"), ("z", "pass"), ("x", "pass"),
     ]
+
+
+def test_merge_refuses_duplicates_across_dirs(tmp_path: Path) -> None:
+    a, b = ResultStore(tmp_path / "shard0"), ResultStore(tmp_path / "shard1")
+    a.append(make(scenario="y", status="error"))
+    a.append(make(scenario="y"))  # a retry within one directory is no duplicate
+    b.append(make(scenario="y", status="fail"))
+    with pytest.raises(res.DuplicateCaseError, match=r"tiny-llama/tp2-eager-y is in both .*shard0 and .*shard1"):
+        merge([a.out_dir, b.out_dir])
+    assert [r.status for r in merge([a.out_dir]).results] == ["pass"]
+
+
+def test_merge_keeps_inputs_settings_and_common_run(tmp_path: Path) -> None:
+    for i, (host, shard) in enumerate((("node-a", "0/2"), ("node-b", "1/2"))):
+        d = tmp_path / f"shard{i}"
+        ResultStore(d).append(make(scenario=f"s{i}"))
+        write_summary(d, [make(scenario=f"s{i}")], {"hostname": host},
+                      run={"matrix": "smoke", "seed": 0, "command": f"parity run --shard {shard}"})
+    ResultStore(tmp_path / "bare").append(make(scenario="s2"))  # no summary.json
+    merged = merge([tmp_path / "shard0", tmp_path / "shard1"])
+    assert [i["environment"] for i in merged.inputs] == [{"hostname": "node-a"}, {"hostname": "node-b"}]
+    assert [i["dir"] for i in merged.inputs] == [str(tmp_path / "shard0"), str(tmp_path / "shard1")]
+    assert merged.run() == {"matrix": "smoke", "seed": 0, "merged_from": 2}  # the commands differ
+    with_bare = merge([tmp_path / "shard0", tmp_path / "bare"])
+    assert with_bare.inputs[1] == {"dir": str(tmp_path / "bare"), "run": None, "environment": None}
+    assert with_bare.run() == {"merged_from": 2}
+
+
+def test_write_results_round_trips(tmp_path: Path) -> None:
+    cases = [make(scenario="a"), make("fail", scenario="b", first_divergence=DIVERGENCE)]
+    path = res.write_results(tmp_path / "m", cases)
+    assert path == tmp_path / "m" / "results.jsonl"
+    assert res.read_results(path) == cases
+    assert path.read_text(encoding="utf-8").count("\n") == 2
 
 
 def test_merge_missing_shard_raises(tmp_path: Path) -> None:

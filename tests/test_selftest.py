@@ -12,12 +12,20 @@ from harness.matrix import Matrix
 from harness.orchestrate import PlannedCase, RunOptions
 from harness.selftest import selftest
 
-MATRIX = Matrix("tiny", "two setups x two scenarios", ("tp2-eager", "tp2-sp-graph-full"), scenarios=("text", "mixed"))
+MATRIX = Matrix("tiny", "two setups x two scenarios", ("tp2-eager", "tp2-sp-graph-full"), scenarios=("text", "mixed"),
+                oracle=False)
+
+
+RAISED = "engine raised in candidate tp2-sp-graph-full, rank 1: RuntimeError: pipeline hand-off"
 
 
 def _result(setup: str, scenario: str, status: str, diff: float = 0.0, reason: str = "logprob") -> CaseResult:
+    """A canned result; ``diff < 0`` stands for "the engine raised" (a fail without a divergence)."""
+    if status == "fail" and diff < 0:
+        return CaseResult(f"m/{setup}-{scenario}", setup, "b", scenario, "m", status, reason=RAISED)
     divergence = None if status != "fail" else {"reason": reason, "logprob_diff": diff, "tolerated": False}
     return CaseResult(f"m/{setup}-{scenario}", setup, "b", scenario, "m", status,
+                      reason="infrastructure: rank 0 died" if status == "error" else "",
                       first_divergence=divergence, metrics={"max_logprob_diff": diff})
 
 
@@ -41,18 +49,31 @@ def _selftest(tmp_path: Path, outcomes: dict[str | None, dict[tuple[str, str], t
 
 def test_passes_when_clean_passes_and_every_mutation_is_caught(tmp_path: Path) -> None:
     report = _selftest(tmp_path, {"a": {("tp2-eager", "text"): ("fail", 0.3)},
-                                  "b": {("tp2-sp-graph-full", "mixed"): ("error", 0.0)}})
+                                  "b": {("tp2-sp-graph-full", "mixed"): ("fail", -1.0)}})
     assert report.clean_passed and report.passed
     assert [r.id for r in report.caught_by("a")] == ["m/tp2-eager-text"]
     margins = report.margins()
     assert margins["largest_clean_logprob_diff"] == 1e-5
     assert margins["smallest_caught_logprob_diff"] == 0.3
-    assert margins["caught_by_error"] == 1
+    assert margins["caught_by_engine_exception"] == 1
+    assert margins["infrastructure_errors"] == 0
     written = json.loads((tmp_path / "selftest.json").read_text())
     assert written["passed"] and written["caught"]["b"] == ["m/tp2-sp-graph-full-mixed"]
     table = (tmp_path / "selftest.md").read_text()
     assert "| a | tp2-eager | missed | yes |" in table
     assert "| b | missed | tp2-sp-graph-full! | yes |" in table
+
+
+def test_infrastructure_errors_catch_nothing(tmp_path: Path) -> None:
+    """A crashed worker or a timeout says nothing about the engine: a mutation whose only
+    non-passing cases are errors is missed, and the errors are reported apart."""
+    report = _selftest(tmp_path, {"a": {("tp2-eager", "text"): ("fail", 0.3)},
+                                  "b": {("tp2-sp-graph-full", "mixed"): ("error", 0.0)}})
+    assert not report.passed
+    assert report.caught_by("b") == []
+    assert [r.id for r in report.errors_under("b")] == ["m/tp2-sp-graph-full-mixed"]
+    assert report.margins()["infrastructure_errors"] == 1
+    assert "| b | missed | missed | NO (1 errors) |" in report.scenario_table()
 
 
 def test_a_missed_mutation_fails_the_selftest(tmp_path: Path) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
+from harness.baseline import BaselineCache
 from harness.case import Case
 from harness.matrix import MATRICES, get_matrix
 from harness.orchestrate import RunOptions, plan, shard
 from harness.setup import ParallelSetup
+from reference_impl.engine import EngineSpec
+from reference_impl.requests import Request
 
 
 @pytest.mark.parametrize("setup_id", [
@@ -88,7 +94,10 @@ def test_plan_skips_with_reasons() -> None:
     assert reasons["text"] is None
     assert reasons["multimodal"] == "scenario multimodal needs images; LlamaForCausalLM takes none"
     cuda = plan(get_matrix("gpu4"), RunOptions(backend="mp", device="cuda"), scenarios=["text"])
-    assert all("needs 4 cuda devices; 0 available" in (p.skip_reason or "") for p in cuda)
+    oracle = [p for p in cuda if p.case.baseline == "hf"]
+    assert [p.case.setup.id for p in oracle] == ["tp1-pp1-eager"]
+    assert "needs 1 cuda devices; 0 available" in (oracle[0].skip_reason or "")
+    assert all("needs 4 cuda devices; 0 available" in (p.skip_reason or "") for p in cuda if p not in oracle)
     bad = plan(get_matrix("smoke"), opts, setups=["tp3-eager"], scenarios=["text"])
     assert "tp=3 does not divide num_attention_heads=4" in (bad[0].skip_reason or "")
 
@@ -132,3 +141,86 @@ def test_mutated_and_clean_pools_share_the_gpus(monkeypatch: pytest.MonkeyPatch,
     assert clean.closed is freed
     # One-device clean baselines run in the driver and reserve nothing.
     orch._make_room(orch.baseline_pool, ParallelSetup.parse("tp1-pp1-eager", "bfloat16", "cuda"))
+
+
+# --- explicit baselines: exactly one feature apart ---------------------------------------------
+
+
+def test_differences_name_each_feature() -> None:
+    cand = ParallelSetup.parse("tp2-sp-graph-full")
+    assert cand.differences(ParallelSetup.parse("tp1-pp1-eager")) == ["tp/pp", "sp", "compile"]
+    assert cand.differences(ParallelSetup.parse("tp2-graph-full")) == ["sp"]
+    assert cand.differences(ParallelSetup.parse("tp2-sp-graph-full-spmin16")) == ["sp"]
+    assert cand.differences(ParallelSetup.parse("tp2-sp-graph-piecewise")) == ["compile"]
+    assert cand.differences(ParallelSetup.parse("tp2-sp-graph-full-nochunk")) == ["batching"]
+    assert cand.differences(ParallelSetup.parse("tp2-sp-graph-full", "bfloat16", "cuda")) == ["dtype", "device"]
+    assert cand.differences(cand) == []
+
+
+def test_auto_baselines_differ_in_exactly_one_feature() -> None:
+    for m in MATRICES.values():
+        for setup in m.parsed_setups():
+            assert len(setup.differences(setup.auto_baseline())) == 1, setup.id
+
+
+def test_confounded_explicit_baseline_refused_unless_allowed() -> None:
+    opts = RunOptions(backend="mp", model="tiny-llama", baseline="tp1-pp1-eager")
+    with pytest.raises(ValueError, match=r"exactly one feature .*tp2-sp-graph-full vs tp1-pp1-eager differs in: "
+                                         r"tp/pp, sp, compile"):
+        plan(get_matrix("smoke"), opts, setups=["tp2-sp-graph-full"], scenarios=["text"])
+    allowed = RunOptions(backend="mp", model="tiny-llama", baseline="tp1-pp1-eager", allow_confounded=True)
+    [planned] = plan(get_matrix("smoke"), allowed, setups=["tp2-sp-graph-full"], scenarios=["text"])
+    assert planned.case.baseline_id == "tp1-pp1-eager" and planned.skip_reason is None
+    # One feature apart needs no flag.
+    one = RunOptions(backend="mp", model="tiny-llama", baseline="tp1-pp1-eager")
+    [p] = plan(get_matrix("smoke"), one, setups=["tp2-eager"], scenarios=["text"])
+    assert p.case.baseline_id == "tp1-pp1-eager"
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_baseline_equal_to_candidate_refused(allow: bool) -> None:
+    opts = RunOptions(backend="mp", model="tiny-llama", baseline="tp2-eager", allow_confounded=allow)
+    with pytest.raises(ValueError, match="differs in nothing: it compares a setup with itself"):
+        plan(get_matrix("smoke"), opts, setups=["tp2-eager"], scenarios=["text"])
+
+
+# --- the baseline cache key --------------------------------------------------------------------
+
+
+@pytest.fixture
+def key_inputs(tmp_path: Path) -> tuple[str, list[Request], EngineSpec]:
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    spec = ParallelSetup.parse("tp1-pp1-eager").engine_spec(str(tmp_path))
+    return str(tmp_path), [Request("r0", prompt_ids=(1, 2, 3))], spec
+
+
+def test_cache_key_covers_engine_config_and_compile(key_inputs: tuple[str, list[Request], EngineSpec]) -> None:
+    ckpt, reqs, spec = key_inputs
+    base = BaselineCache.key(ckpt, reqs, spec, "float32", "cpu")
+    assert BaselineCache.key(ckpt, reqs, spec, "float32", "cpu") == base
+    changed = [
+        replace(spec, engine=replace(spec.engine, max_num_batched_tokens=spec.engine.max_num_batched_tokens + 8)),
+        replace(spec, engine=replace(spec.engine, max_num_seqs=spec.engine.max_num_seqs + 1)),
+        replace(spec, engine=replace(spec.engine, max_model_len=64)),
+        replace(spec, engine=replace(spec.engine, chunked_prefill=False)),
+        replace(spec, compile=replace(spec.compile, mode="graph")),
+    ]
+    assert all(BaselineCache.key(ckpt, reqs, s, "float32", "cpu") != base for s in changed)
+    # The checkpoint's path is not part of the key (its content hash is).
+    assert BaselineCache.key(ckpt, reqs, replace(spec, checkpoint="/elsewhere"), "float32", "cpu") == base
+
+
+def test_cache_key_covers_torch_and_hf_code(key_inputs: tuple[str, list[Request], EngineSpec],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import harness.baseline as baseline
+
+    ckpt, reqs, spec = key_inputs
+    engine, hf = (BaselineCache.key(ckpt, reqs, b, "float32", "cpu") for b in (spec, "hf"))
+    assert engine != hf
+    monkeypatch.setattr(baseline, "hf_code_hash", lambda: "other-hf-code")
+    assert BaselineCache.key(ckpt, reqs, "hf", "float32", "cpu") != hf
+    assert BaselineCache.key(ckpt, reqs, spec, "float32", "cpu") == engine  # hf code: hf baselines only
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert BaselineCache.key(ckpt, reqs, spec, "float32", "cpu") != engine

@@ -4,19 +4,54 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
+# How a rank failed: its code raised (``detail`` is the traceback), its process died, it gave no
+# reply in time, or the launcher could not start it.
+FAILURE_KINDS = ("raised", "died", "timeout", "startup")
+
 
 class WorkerError(RuntimeError):
-    """A rank raised (or died); carries the rank and its traceback text."""
+    """A rank raised (or died); carries the rank, how it failed and its traceback text."""
 
-    def __init__(self, rank: int, detail: str) -> None:
-        super().__init__(f"rank {rank} failed:\n{detail}")
+    def __init__(self, rank: int, detail: str, kind: str = "raised") -> None:
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"failure kind {kind!r} not in {FAILURE_KINDS}")
+        super().__init__(f"rank {rank} failed ({kind}):\n{detail}")
         self.rank = rank
         self.detail = detail
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """What one rank saw of a generation: the token ids it recorded per request (every rank
+    records the sampled tokens, so TP ranks that disagree show here) and, for a compiled engine,
+    each compiled step it ran with its SP matches and collectives (``steps_report``)."""
+
+    rank: int
+    token_ids: tuple[tuple[int, ...], ...]
+    steps: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    """A generation over every rank: rank 0's outputs and every rank's report, in rank order."""
+
+    outputs: list[RequestOutput]
+    ranks: tuple[RankReport, ...]
+
+    @classmethod
+    def from_replies(cls, replies: Sequence[tuple[list[RequestOutput] | None, RankReport]]) -> EngineRun:
+        """From ``Worker.generate``'s replies in rank order (rank 0's carries the outputs)."""
+        outputs = replies[0][0]
+        if outputs is None:
+            raise ValueError("rank 0 returned no outputs")
+        return cls(outputs, tuple(report for _, report in replies))
 
 
 class Launcher(Protocol):
@@ -29,6 +64,8 @@ class Launcher(Protocol):
         ...
 
     def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]: ...
+
+    def run_traced(self, spec: EngineSpec, requests: Sequence[Request]) -> EngineRun: ...
 
     def close(self) -> None: ...
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-from harness.launch.base import WorkerError, free_port
+from harness.launch.base import EngineRun, WorkerError, free_port
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
@@ -79,16 +79,16 @@ class MpLauncher:
                     status, value = conn.recv()
                     if status == "error":
                         self._kill()
-                        raise WorkerError(rank, value)
+                        raise WorkerError(rank, value, "raised")
                     results[rank] = value
                 elif not proc.is_alive():
                     code = proc.exitcode
                     self._kill()
-                    raise WorkerError(rank, f"process exited with code {code} without replying")
+                    raise WorkerError(rank, f"process exited with code {code} without replying", "died")
             if time.monotonic() > deadline:
                 self._kill()
                 silent = sorted(set(range(self.world_size)) - set(results))
-                raise WorkerError(-1, f"no reply from ranks {silent} within {timeout:.0f}s")
+                raise WorkerError(-1, f"no reply from ranks {silent} within {timeout:.0f}s", "timeout")
             time.sleep(_POLL_S)
         return [results[r] for r in range(self.world_size)]
 
@@ -100,12 +100,15 @@ class MpLauncher:
             conn.send((method, args))
         return self._collect()
 
-    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
+    def run_traced(self, spec: EngineSpec, requests: Sequence[Request]) -> EngineRun:
         spec.validate()
         if spec.world_size != self.world_size:
             raise ValueError(f"spec needs {spec.world_size} ranks; this launcher has {self.world_size}")
-        outputs: list[RequestOutput] = self.call("generate", spec, list(requests))[0]
-        return outputs
+        return EngineRun.from_replies(self.call("generate", spec, list(requests)))
+
+    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
+        """``run_traced``'s outputs (rank 0's)."""
+        return self.run_traced(spec, requests).outputs
 
     def _kill(self) -> None:
         for proc in self._procs:

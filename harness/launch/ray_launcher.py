@@ -24,7 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn
 
-from harness.launch.base import WorkerError, free_port
+from harness.launch.base import EngineRun, WorkerError, free_port
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
@@ -52,7 +52,8 @@ ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_
 FORWARDED_ENV = ("TRITON_INTERPRET", "PARITY_CACHE", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                  "NVSHMEM_DISABLE_NVLS")
 
-# A rank's reply: ("ok", value) or ("error", traceback text).
+# A rank's reply: ("ok", value), ("raised", traceback text) when its code raised, or
+# ("died", detail) when its process or task was lost.
 Reply = tuple[str, Any]
 
 
@@ -150,7 +151,7 @@ def _guarded(fn: Callable[..., Any], *args: Any) -> Reply:
     try:
         return "ok", fn(*args)
     except BaseException:
-        return "error", traceback.format_exc()
+        return "raised", traceback.format_exc()
 
 
 class RankActor:
@@ -292,15 +293,18 @@ class RayLauncher:
         self.start()
         return self._collect([actor.call.remote(method, *args) for actor in self._actors])
 
-    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
+    def run_traced(self, spec: EngineSpec, requests: Sequence[Request]) -> EngineRun:
         """Validate ``spec`` (before anything starts), then serve ``requests``; rank 0's outputs."""
         spec.validate(self._cluster_gpus() if spec.device == "cuda" else None)
         if spec.world_size != self.world_size:
             raise ValueError(f"spec needs {spec.world_size} ranks; this launcher has {self.world_size}")
         if self.fresh_workers:
             self._kill()
-        outputs: list[RequestOutput] = self.call("generate", spec, list(requests))[0]
-        return outputs
+        return EngineRun.from_replies(self.call("generate", spec, list(requests)))
+
+    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
+        """``run_traced``'s outputs (rank 0's)."""
+        return self.run_traced(spec, requests).outputs
 
     def close(self) -> None:
         """Leave the process group, kill the actors, free the placement group, leave the pool."""
@@ -330,13 +334,13 @@ class RayLauncher:
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._fail(-1, f"no reply from ranks {sorted(pending.values())} within {timeout:.0f}s")
+                self._fail(-1, f"no reply from ranks {sorted(pending.values())} within {timeout:.0f}s", "timeout")
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=remaining)
             for ref in ready:
                 rank = pending.pop(ref)
                 status, value = self._reply(ref)
-                if status == "error":
-                    self._fail(rank, value)
+                if status != "ok":
+                    self._fail(rank, value, status)
                 results[rank] = value
         return [results[rank] for rank in range(len(refs))]
 
@@ -348,18 +352,18 @@ class RayLauncher:
         try:
             reply: Reply = ray.get(ref)
         except ray.exceptions.RayTaskError as err:  # raised outside the guarded body
-            return "error", str(err)
+            return "died", str(err)
         except ray.exceptions.RayActorError as err:  # the process died (crash, OOM, kill)
-            return "error", f"the rank's actor died: {err}"
+            return "died", f"the rank's actor died: {err}"
         except ray.exceptions.RayError as err:
-            return "error", f"{type(err).__name__}: {err}"
+            return "died", f"{type(err).__name__}: {err}"
         return reply
 
-    def _fail(self, rank: int, detail: str) -> NoReturn:
+    def _fail(self, rank: int, detail: str, kind: str) -> NoReturn:
         """Tear everything down (other ranks may be stuck in a collective) and raise."""
         self._kill()
         _forget(self)
-        raise WorkerError(rank, detail)
+        raise WorkerError(rank, detail, kind)
 
     def _kill(self) -> None:
         """Kill every actor and remove the placement group; safe to call twice."""

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from harness.launch.base import RankReport
 from reference_impl.engine import EngineSpec, build_runner, local_device
 from reference_impl.requests import Request, RequestOutput
 from reference_impl.runner import Runner
@@ -60,10 +61,18 @@ class Worker:
         """Build the engine for ``spec`` ahead of ``generate`` (to time or warm it)."""
         self.runner(spec)
 
-    def generate(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput] | None:
-        """Every rank serves the requests; rank 0 (which sees every sampled token) returns them."""
-        outputs = self.runner(spec).generate(requests)
-        return outputs if self.rank == 0 else None
+    def generate(self, spec: EngineSpec, requests: Sequence[Request]
+                 ) -> tuple[list[RequestOutput] | None, RankReport]:
+        """Every rank serves the requests; rank 0 returns the outputs, and every rank its
+        ``RankReport`` (the tokens it recorded, the compiled steps it ran)."""
+        from reference_impl.compile.compiled_model import reset_steps, steps_report
+
+        runner = self.runner(spec)
+        reset_steps(runner.model_fn)
+        outputs = runner.generate(requests)
+        report = RankReport(self.rank, tuple(tuple(o.token_ids) for o in outputs),
+                            tuple(steps_report(runner.model_fn)))
+        return (outputs if self.rank == 0 else None), report
 
     def capture(self, spec: EngineSpec, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
         """This rank's activations of the requests' prefill (TP rank 0 of each stage answers;

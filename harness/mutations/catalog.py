@@ -25,6 +25,10 @@ class Mutation:
     reference: str  # the public reference ("vLLM #33322") or "class" for a generic bug class
     target: str  # "module:function", called as function(worker) inside each rank's process
     needs_rebuild: bool  # the patch acts at engine construction or compile-time tracing
+    # The bug sits in code every setup shares (the single-device path): it is applied to the
+    # baselines' workers too, as it would be in a real engine, so only the oracle case (the
+    # engine against Hugging Face transformers) can tell.
+    shared: bool = False
 
     def load(self) -> Callable[[object], None]:
         """The patch function named by ``target``."""
@@ -37,8 +41,9 @@ def _target(name: str) -> str:
     return f"{PATCHES_MODULE}:{name.replace('-', '_')}"
 
 
-def _mutation(name: str, reference: str, needs_rebuild: bool, summary: str, description: str) -> Mutation:
-    return Mutation(name, summary, " ".join(description.split()), reference, _target(name), needs_rebuild)
+def _mutation(name: str, reference: str, needs_rebuild: bool, summary: str, description: str,
+              shared: bool = False) -> Mutation:
+    return Mutation(name, summary, " ".join(description.split()), reference, _target(name), needs_rebuild, shared)
 
 
 _MUTATIONS = [
@@ -145,6 +150,18 @@ _MUTATIONS = [
         added once, after the all-reduce. Adding it inside each rank's matmul sums it ``tp``
         times. Only models with row-parallel biases (o_proj or down_proj bias, e.g. tiny-llava's
         o_proj) at ``tp > 1`` expose it; bias-free models are unaffected.""",
+    ),
+    _mutation(
+        "prompt-embeds-chunk-offset", "class", False,
+        "A chunked prompt-embeds prompt takes every chunk's rows from the start of its embeddings.",
+        """A prompt longer than the step budget is prefilled in chunks; a chunk starting at
+        position ``p`` must take rows ``[p, p + n)`` of the request's prompt embeddings. Taking
+        ``[0, n)`` for every chunk feeds the first chunk's embeddings again at later positions.
+        The bug lives in the runner every setup shares, so every setup's baseline has it too
+        and every engine-vs-engine comparison passes; only the one-device engine against Hugging
+        Face transformers (the oracle case of every gate) shows it. Exposed by prompt-embeds
+        and multimodal prompts longer than ``max_num_batched_tokens``.""",
+        shared=True,
     ),
 ]
 

@@ -158,6 +158,22 @@ def pp_layer_split_drops_layer(worker: object) -> None:
     _install(pp_module, "stage_layers", make)
 
 
+def prompt_embeds_chunk_offset(worker: object) -> None:
+    """``Runner._step_embeds`` takes every chunk's embedding rows from row 0 of the prompt."""
+    from reference_impl.runner import Runner
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def step_embeds(self: Any, chunks: list[Any], ids: torch.Tensor, seqs: list[Any]) -> Any:
+            shifted = [dataclasses.replace(c, start=0) if c.is_prefill and c.seq.prompt_embeds is not None else c
+                       for c in chunks]
+            return original(self, shifted, ids, seqs)
+
+        return step_embeds
+
+    _install(Runner, "_step_embeds", make)
+
+
 # -- 9: KV cache offset ------------------------------------------------------------------------------
 
 def decode_kv_slot_off_by_one(worker: object) -> None:

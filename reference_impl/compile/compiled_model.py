@@ -32,6 +32,8 @@ class CompiledModel:
             self.sp_pass = SequenceParallelismPass(state.tp, state.tp_rank, state.tp_group_name,
                                                    dtype, device)
         self.compiler = GraphCompiler(config, self.passes_for)
+        # (input kind, padded token count) of every step run since the last ``reset_steps``.
+        self.steps_run: list[tuple[str, int]] = []
         _raise_recompile_limits()
         self.fn = torch.compile(self._forward, backend=self.compiler, fullgraph=True, dynamic=False)
 
@@ -63,10 +65,46 @@ class CompiledModel:
         else:
             self.compiler.label = "ids"
             out = self.fn(batch.positions, batch.input_ids, None, None, None)
+        self.steps_run.append((self.compiler.label, batch.num_tokens))
         if isinstance(out, tuple):
             return IntermediateTensors(out[0], out[1])
         assert isinstance(out, torch.Tensor)
         return out
+
+
+# Collective ops as ``op_counts`` names them: what a rewritten graph has left.
+COLLECTIVES = {"all_reduce": "_c10d_functional.all_reduce.default",
+               "reduce_scatter": "_c10d_functional.reduce_scatter_tensor.default",
+               "all_gather": "_c10d_functional.all_gather_into_tensor.default"}
+SP_PATTERNS = ("first", "middle", "final")
+
+
+def reset_steps(model_fn: object) -> None:
+    """Forget the steps run so far (a worker calls it before each generation it reports on)."""
+    if isinstance(model_fn, CompiledModel):
+        model_fn.steps_run.clear()
+
+
+def steps_report(model_fn: object) -> list[dict[str, Any]]:
+    """Per distinct compiled step run since ``reset_steps`` (input kind, padded size): each of its
+    graph pieces with the SP matches by pattern and the collectives left after the passes.
+    Empty for an eager engine. This is what tells a sequence-parallel case that really ran SP
+    from one whose pass matched nothing (which would equal its baseline and pass vacuously)."""
+    if not isinstance(model_fn, CompiledModel):
+        return []
+    report = []
+    for label, num_tokens in dict.fromkeys(model_fn.steps_run):
+        pieces = [r for r in model_fn.compiler.records
+                  if r.graph.split("/")[0] == label and r.num_tokens == num_tokens]
+        report.append({
+            "input": label, "num_tokens": num_tokens,
+            "sp_active": sp_active(num_tokens, model_fn.state.tp, model_fn.config),
+            "pieces": [{"graph": r.graph,
+                        "sp_matches": {p: r.changes.get(f"sequence_parallelism.{p}", 0) for p in SP_PATTERNS},
+                        "collectives": {k: r.ops_after.get(op, 0) for k, op in COLLECTIVES.items()}}
+                       for r in pieces],
+        })
+    return report
 
 
 def compile_records(model_fn: object) -> list[dict[str, object]]:

@@ -6,6 +6,8 @@ the same ``tp_rank`` across stages. All ranks create all groups, in the same ord
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -82,3 +84,16 @@ def init_parallel(tp: int, pp: int) -> ParallelState:
 
 def current_state() -> ParallelState:
     return _STATE[0]
+
+
+@contextlib.contextmanager
+def use_state(state: ParallelState) -> Iterator[None]:
+    """Make ``state`` current while an engine runs: a worker keeps several engines (a tp4 and a
+    tp2 x pp2 one in one 4-rank pool), and ops that read the current state (activation capture)
+    must see the groups of the engine that is running, not of the last one built."""
+    saved = _STATE[0]
+    _STATE[0] = state
+    try:
+        yield
+    finally:
+        _STATE[0] = saved

@@ -87,6 +87,16 @@ MODELS: dict[str, TinyModelSpec] = {
         seed=3, description="LLaVA: CLIP tower (16 patches) + projector + Llama decoder with attention "
         "biases (o_proj too: a row-parallel bias), RMSNorm eps 1e-2",
     ),
+    # Shaped like SmolLM2-135M (9 heads, 3 KV heads, tied embeddings): no smoke setup's tp (2, 4)
+    # divides 9 heads, so only tp3 runs; intermediate 384 and vocab 576 are multiples of 3 (and
+    # 576 of 2 and 4 too, so the heads are what rules tp2/tp4 out).
+    "tiny-llama-9h": TinyModelSpec(
+        "tiny-llama-9h", "llama",
+        {**_TEXT_BASE, "vocab_size": 576, "hidden_size": 144, "intermediate_size": 384,
+         "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 16, "rms_norm_eps": 1e-5,
+         "tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}},
+        seed=4, description="Llama shaped like SmolLM2-135M: 9 heads, 3 KV heads, tied embeddings (tp3 only)",
+    ),
 }
 
 

@@ -1,0 +1,139 @@
+"""What a case's outcome is, beyond the comparison of its tokens: who is to blame for an exception,
+whether the TP ranks agreed on what they sampled, and whether an SP setup really ran SP.
+
+``fail`` means the engine under test got the case wrong; ``error`` means only the infrastructure
+did (a worker process died, a timeout, rendezvous, Ray, resources). A green that checked nothing
+is the worst verdict a harness can give, so a sequence-parallel case whose pass rewrote no graph
+of the steps it ran is a ``fail`` too: it would equal its baseline and pass vacuously.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from harness.case import HF_BASELINE, Case
+from harness.launch.base import EngineRun, RankReport, WorkerError
+from harness.setup import ParallelSetup
+
+# Frames of these paths in a rank's traceback are the engine under test (the catalogued
+# mutations patch it from harness/mutations): an exception raised through them is the engine's.
+ENGINE_PATHS = ("reference_impl/", "harness/mutations/")
+# Messages of communication failures: a peer that died or hung makes the others raise these,
+# through engine frames too, so they are infrastructure whatever the traceback holds.
+INFRA_PATTERNS = re.compile(
+    r"gloo|nccl|Connection (closed|reset|refused)|Broken pipe|Timed out|timed out|DistBackendError|"
+    r"DistNetworkError|ProcessGroup|rendezvous|Socket|CUDA out of memory|OutOfMemoryError",
+)
+
+
+def worker_failure(err: WorkerError, side: str, setup_id: str) -> tuple[str, str]:
+    """``(status, reason)`` for a ``WorkerError`` raised while ``side`` ("candidate" |
+    "baseline") ``setup_id`` ran: ``fail`` when engine code raised in a rank, else ``error``."""
+    where = f"{side} {setup_id}, rank {err.rank}"
+    if err.kind != "raised":
+        return "error", f"infrastructure: {where} {err.kind}: {_last_line(err.detail)}"
+    exception = _last_line(err.detail)
+    frame = _engine_frame(err.detail)
+    if frame is None or INFRA_PATTERNS.search(exception):
+        return "error", f"infrastructure: {where} raised outside the engine: {exception}"
+    return "fail", f"engine raised in {where}: {exception} (at {frame})\n\n{err.detail}"
+
+
+def _last_line(text: str) -> str:
+    return next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
+
+
+def _engine_frame(traceback_text: str) -> str | None:
+    """The innermost traceback frame in engine code, as ``path:line in function``."""
+    found = None
+    for m in re.finditer(r'File "([^"]+)", line (\d+), in (\S+)', traceback_text):
+        path = m.group(1).replace("\\", "/")
+        for root in ENGINE_PATHS:
+            if root in path:
+                found = f"{root}{path.split(root, 1)[1]}:{m.group(2)} in {m.group(3)}"
+    return found
+
+
+def rank_disagreement(run: EngineRun) -> str | None:
+    """Why the ranks' recorded tokens differ (every rank records every sampled token: the last
+    stage's TP ranks each sample from their own logits), or None when they all agree."""
+    reference = run.ranks[0]
+    for report in run.ranks[1:]:
+        for i, (ours, theirs) in enumerate(zip(reference.token_ids, report.token_ids, strict=True)):
+            if ours != theirs:
+                step = next((s for s, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                return (f"ranks disagree on sampled tokens: request #{i} step {step}: rank {reference.rank} "
+                        f"recorded {list(ours[step:step + 1])}, rank {report.rank} {list(theirs[step:step + 1])}")
+    return None
+
+
+_PATTERNS = ("first", "middle", "final")
+_COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
+
+
+def sp_matches(ranks: Sequence[RankReport]) -> dict[str, Any] | None:
+    """Per rank, per compiled step graph (``<input>/T=<tokens>``) the SP matches by pattern and the
+    collectives left, summed over the graph's pieces; None when nothing was compiled (eager)."""
+    if not any(r.steps for r in ranks):
+        return None
+    per_rank: dict[str, dict[str, dict[str, int]]] = {}
+    for report in ranks:
+        graphs: dict[str, dict[str, int]] = {}
+        for step in report.steps:
+            counts = dict.fromkeys(_PATTERNS + _COLLECTIVES, 0)
+            for piece in step["pieces"]:
+                for k in _PATTERNS:
+                    counts[k] += int(piece["sp_matches"][k])
+                for k in _COLLECTIVES:
+                    counts[k] += int(piece["collectives"][k])
+            graphs[f"{step['input']}/T={step['num_tokens']}"] = counts
+        per_rank[str(report.rank)] = graphs
+    return {"ranks": per_rank, **_sizes(per_rank)}
+
+
+def _sizes(per_rank: dict[str, dict[str, dict[str, int]]]) -> dict[str, list[int]]:
+    """Step sizes (padded tokens) whose graphs SP rewrote on some rank, and those it did not."""
+    applied: set[int] = set()
+    seen: set[int] = set()
+    for graphs in per_rank.values():
+        for name, counts in graphs.items():
+            size = int(name.rsplit("=", 1)[1])
+            seen.add(size)
+            if any(counts[k] for k in _PATTERNS):
+                applied.add(size)
+    return {"sp_applied_sizes": sorted(applied), "sp_unapplied_sizes": sorted(seen - applied)}
+
+
+def sp_vacuity(setup: ParallelSetup, matches: dict[str, Any] | None) -> tuple[str | None, str]:
+    """``(fail reason or None, note)`` for an SP setup: a fail when SP rewrote no graph of the steps
+    the case ran ("SP never applied"); a note naming the sizes it applied to and those it did not
+    when both occur (the SP token threshold at work). Non-SP setups: ``(None, "")``."""
+    if not setup.sp:
+        return None, ""
+    if matches is None or not matches["sp_applied_sizes"]:
+        sizes = ", ".join(map(str, (matches or {}).get("sp_unapplied_sizes", []))) or "none recorded"
+        return (f"vacuous: SP never applied: {setup.id}'s sequence-parallelism pass rewrote no graph of the "
+                f"steps this case ran (step sizes {sizes}; sp_min_tokens={setup.sp_min_tokens}), so the case "
+                "compared SP-off with SP-off"), ""
+    if matches["sp_unapplied_sizes"]:
+        return None, (f"SP applied to steps of {_list(matches['sp_applied_sizes'])} tokens, not to "
+                      f"{_list(matches['sp_unapplied_sizes'])} (sp_min_tokens={setup.sp_min_tokens})")
+    return None, f"SP applied to every step ({_list(matches['sp_applied_sizes'])} tokens)"
+
+
+def _list(sizes: Sequence[int]) -> str:
+    return ", ".join(map(str, sizes))
+
+
+def policy_for(case: Case, requested: str) -> str:
+    """The comparison policy of a case. ``auto``: ``identical`` for an SP setup against itself
+    with SP off (the pair is bit-identical when clean: measured, docs/harness.md), ``logprobs``
+    for everything else; any other value is used as given."""
+    if requested != "auto":
+        return requested
+    base = case.baseline
+    if base != HF_BASELINE and isinstance(base, ParallelSetup) and case.setup.sp and base == case.setup.baseline():
+        return "identical"
+    return "logprobs"

@@ -1,0 +1,70 @@
+"""A run's settings, as recorded in ``summary.json``'s ``"run"`` and the report's header.
+
+What was run (matrix, setups, scenarios, model and its checkpoint hash), how it was judged
+(baseline mode, policy, the dtype's tolerances), where and how (dtype, device, backend, seed,
+mutation) and by what (command line, parity version, git sha), so that a report can be read,
+and the run repeated, without the shell history of whoever ran it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import asdict
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from harness.orchestrate import RunOptions
+
+# The distribution name of this project (pyproject.toml), whose version a run records.
+DISTRIBUTION = "parity-harness"
+
+
+def run_settings(options: RunOptions, matrix: str, setups: Sequence[str], scenarios: Sequence[str],
+                 argv: Sequence[str]) -> dict[str, Any]:
+    """The ``"run"`` object of ``summary.json`` for a run of ``options`` over ``setups`` x
+    ``scenarios`` of ``matrix``, started by the command line ``argv``."""
+    from harness.compare import tolerance_for
+    from harness.results import _git_sha
+
+    return {
+        "matrix": matrix,
+        "setups": list(setups),
+        "scenarios": list(scenarios),
+        "model": options.model,
+        "checkpoint_hash": _checkpoint_hash(options.model),
+        "baseline": options.baseline,
+        "policy": options.policy,
+        "tolerances": asdict(tolerance_for(options.dtype)),
+        "dtype": options.dtype,
+        "device": options.device,
+        "backend": options.backend,
+        "seed": options.seed,
+        "mutation": options.mutation,
+        "command": shlex.join(argv),
+        "version": _version(),
+        "git_sha": _git_sha(),
+    }
+
+
+def _checkpoint_hash(model: str) -> str | None:
+    """The hash of ``model``'s checkpoint files (the baseline cache's), or None if it cannot be read."""
+    from harness.baseline import checkpoint_hash
+    from scenarios.models import resolve
+
+    try:
+        return checkpoint_hash(str(resolve(model)))
+    except (OSError, ValueError):
+        return None
+
+
+def _version() -> str | None:
+    """This project's installed version, or None when it is run from a tree that is not installed."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+__all__ = ["DISTRIBUTION", "run_settings"]
