@@ -9,6 +9,13 @@ from harness.setup import ParallelSetup
 
 STATUSES = ("pass", "fail", "error", "skip")
 HF_BASELINE = "hf"
+# The oracle case of every gate: the one-device eager engine against Hugging Face transformers.
+ORACLE_SETUP = "tp1-pp1-eager"
+
+
+def is_oracle(setup_id: str, baseline_id: str) -> bool:
+    """Whether a case is the oracle case (it checks the engine, but no parallelism)."""
+    return setup_id == ORACLE_SETUP and baseline_id == HF_BASELINE
 
 
 @dataclass(frozen=True)

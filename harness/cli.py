@@ -102,8 +102,10 @@ def _run(args: argparse.Namespace) -> int:
 def _explain_nothing_ran(results: Sequence[CaseResult], planned: Sequence[PlannedCase],
                          options: RunOptions) -> None:
     """Exit 4's stderr: each distinct skip reason once with its count, then the setups that fit."""
-    print("parity run: no case ran" + ("" if results else " (no case planned)"), file=sys.stderr)
-    for reason, count in Counter(r.reason for r in results).items():
+    ran = [r for r in results if r.status != "skip"]
+    print("parity run: no case ran" + ("" if results else " (no case planned)")
+          + (f" but {len(ran)} oracle cases (they check no parallelism)" if ran else ""), file=sys.stderr)
+    for reason, count in Counter(r.reason for r in results if r.status == "skip").items():
         print(f"  {count} x {reason}", file=sys.stderr)
     print(_fit_suggestion([p.case.setup.id for p in planned], options), file=sys.stderr)
 

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from harness import outcome
 from harness.baseline import BaselineCache, hf_generate
-from harness.case import HF_BASELINE, Case, CaseResult
+from harness.case import HF_BASELINE, ORACLE_SETUP, Case, CaseResult
 from harness.compare import compare
 from harness.launch.base import EngineRun, Launcher, WorkerError
 from harness.localize import localize, merge_captures
@@ -126,9 +126,6 @@ def plan(matrix: Matrix, options: RunOptions, setups: Sequence[str] | None = Non
         planned += [PlannedCase(c, _skip_reason(c, cfg, limit)) for c in oracle_cases(options, names)
                     if c.id not in {p.case.id for p in planned}]
     return planned
-
-
-ORACLE_SETUP = "tp1-pp1-eager"
 
 
 def oracle_cases(options: RunOptions, scenarios: Sequence[str]) -> list[Case]:
@@ -286,14 +283,18 @@ class Orchestrator:
     def baseline_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
         spec = case.baseline if isinstance(case.baseline, str) else case.baseline.engine_spec(self.checkpoint)
         key = BaselineCache.key(self.checkpoint, requests, spec, self.options.dtype, self.options.device)
-        if self.options.use_baseline_cache and (hit := self.cache.get(key)) is not None:
+        # A mutated baseline pool (a shared mutation) must neither read nor write the cache of
+        # clean baselines.
+        cached = self.options.use_baseline_cache and self.baseline_pool.mutation is None
+        if cached and (hit := self.cache.get(key)) is not None:
             return hit
         if isinstance(case.baseline, str):
             outputs = hf_generate(self.checkpoint, requests, self.options.dtype, self.options.device)
         else:
             self._make_room(self.baseline_pool, case.baseline)
             outputs = self.baseline_pool.run(case.baseline, self.checkpoint, requests)
-        self.cache.put(key, outputs)
+        if cached:
+            self.cache.put(key, outputs)
         return outputs
 
     def candidate_run(self, case: Case, requests: list[Request]) -> EngineRun:

@@ -36,7 +36,9 @@ def worker_failure(err: WorkerError, side: str, setup_id: str) -> tuple[str, str
         return "error", f"infrastructure: {where} {err.kind}: {_last_line(err.detail)}"
     exception = _last_line(err.detail)
     frame = _engine_frame(err.detail)
-    if frame is None or INFRA_PATTERNS.search(exception):
+    if INFRA_PATTERNS.search(exception):
+        return "error", f"infrastructure: {where} lost its peers or resources: {exception}"
+    if frame is None:
         return "error", f"infrastructure: {where} raised outside the engine: {exception}"
     return "fail", f"engine raised in {where}: {exception} (at {frame})\n\n{err.detail}"
 

@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from harness.case import STATUSES, CaseResult
+from harness.case import STATUSES, CaseResult, is_oracle
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -256,14 +256,18 @@ def totals(results: Iterable[CaseResult]) -> dict[str, int]:
 
 
 def exit_code(results: Iterable[CaseResult]) -> int:
-    """1 if any case failed a comparison; else 3 if any infrastructure error; else 4 if no case ran
-    (all skipped, or none at all); else 0."""
+    """1 if any case failed a comparison; else 3 if any infrastructure error; else 4 if nothing
+    was checked; else 0. Nothing was checked when no case ran (all skipped, or none at all), or
+    when only oracle cases ran while every parallel case was skipped: the oracle checks the
+    one-device engine, not the parallelism the run was asked about."""
+    results = list(results)
     counts = totals(results)
     if counts["fail"]:
         return EXIT_FAIL
     if counts["error"]:
         return EXIT_INFRA
-    if not counts["pass"]:
+    parallel = [r for r in results if not is_oracle(r.setup, r.baseline)]
+    if not counts["pass"] or (parallel and all(r.status == "skip" for r in parallel)):
         return EXIT_NOTHING_RAN
     return EXIT_OK
 

@@ -82,6 +82,7 @@ class CaseView:
     divergence: DivergenceView | None
     localization: list[tuple[str, str]]
     chart: Markup | None
+    sp: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def headline(self) -> str:
@@ -295,8 +296,23 @@ def case_view(result: CaseResult, anchor: str) -> CaseView:
         result=result, anchor=anchor, seconds=f"{result.seconds:.2f}", metrics=_kv_rows(result.metrics),
         divergence=divergence_view(result.first_divergence) if result.first_divergence else None,
         localization=_kv_rows(loc, skip=("per_layer_error",)) if result.localization else [],
-        chart=_chart(result.localization),
+        chart=_chart(result.localization), sp=sp_rows(result.sp_matches),
     )
+
+
+def sp_rows(matches: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The SP record of a compiled case: applied / unapplied step sizes, then per rank each step
+    graph's matches (first / middle / final) and the collectives left (all-reduce, reduce-scatter,
+    all-gather)."""
+    if not matches:
+        return []
+    rows = [("SP rewrote steps of", ", ".join(map(str, matches.get("sp_applied_sizes", []))) or "none"),
+            ("left alone", ", ".join(map(str, matches.get("sp_unapplied_sizes", []))) or "none")]
+    for rank, graphs in matches.get("ranks", {}).items():
+        rows.append((f"rank {rank}", "; ".join(
+            f"{g}: SP {c['first']}/{c['middle']}/{c['final']}, AR {c['all_reduce']} RS {c['reduce_scatter']} "
+            f"AG {c['all_gather']}" for g, c in graphs.items())))
+    return rows
 
 
 def _unique(items: Sequence[str]) -> list[str]:

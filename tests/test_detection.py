@@ -26,3 +26,58 @@ def test_middle_slice_bug_pattern_and_localization() -> None:
         local_len = loc["num_tokens"] // 2
         assert loc["rows"] and all(r >= local_len for r in loc["rows"]), (name, loc)  # rank 1's shard
     assert "request" in results["prompt_embeds"].reason and "step" in results["prompt_embeds"].reason
+
+
+def test_a_bug_every_setup_shares_fails_only_the_oracle_case_and_leaves_the_cache_clean() -> None:
+    """``prompt-embeds-chunk-offset`` sits in the runner every setup shares (applied to the
+    baselines' workers too): tp2 against tp1 passes, the oracle case (one device against Hugging
+    Face transformers) fails. Its mutated baselines must not reach the cache of clean ones: a
+    clean run right after passes."""
+    options = RunOptions(backend="mp", mutation="prompt-embeds-chunk-offset")
+    planned = plan(get_matrix("smoke"), options, scenarios=["prompt_embeds"])
+    chosen = [p for p in planned if p.case.setup.id in ("tp2-eager", "tp1-pp1-eager")]
+    assert [p.case.baseline_id for p in chosen] == ["tp1-pp1-eager", "hf"]
+    orchestrator = Orchestrator(options)
+    try:
+        mutated = {p.case.setup.id: orchestrator.run_case(p) for p in chosen}
+    finally:
+        orchestrator.close()
+    assert mutated["tp2-eager"].status == "pass", mutated["tp2-eager"].reason
+    assert mutated["tp1-pp1-eager"].status == "fail"
+    assert "step 0" in mutated["tp1-pp1-eager"].reason
+    clean = Orchestrator(RunOptions(backend="mp"))
+    try:
+        assert clean.run_case(chosen[0]).status == "pass"
+    finally:
+        clean.close()
+
+
+def test_an_engine_exception_is_a_fail_naming_rank_and_frame() -> None:
+    """``sp-threshold-ignored-in-handoff`` makes the pipeline hand-off's row-count guard raise in
+    the engine: the engine got the case wrong (``fail``), not the infrastructure (``error``)."""
+    options = RunOptions(backend="mp", mutation="sp-threshold-ignored-in-handoff", localize=False)
+    [planned] = plan(get_matrix("smoke"), options, setups=["tp2-pp2-sp-graph-full-spmin16"], scenarios=["text"])
+    orchestrator = Orchestrator(options)
+    try:
+        result = orchestrator.run_case(planned)
+    finally:
+        orchestrator.close()
+    assert result.status == "fail", result.reason
+    assert result.reason.startswith("engine raised in candidate tp2-pp2-sp-graph-full-spmin16, rank ")
+    assert "RuntimeError: pipeline hand-off" in result.reason
+    assert "reference_impl/parallel/pipeline.py" in result.reason
+
+
+def test_sp_threshold_above_every_step_fails_as_vacuous() -> None:
+    """SP that never rewrote a graph compares SP-off with SP-off: it must not pass."""
+    options = RunOptions(backend="mp")
+    [planned] = plan(get_matrix("smoke"), options, setups=["tp2-sp-graph-full-spmin512"], scenarios=["prompt_embeds"])
+    orchestrator = Orchestrator(options)
+    try:
+        result = orchestrator.run_case(planned)
+    finally:
+        orchestrator.close()
+    assert result.status == "fail"
+    assert result.reason.startswith("vacuous: SP never applied")
+    assert result.sp_matches is not None and result.sp_matches["sp_applied_sizes"] == []
+    assert set(result.sp_matches["ranks"]) == {"0", "1"}

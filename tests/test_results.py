@@ -18,7 +18,15 @@ import pytest
 
 from harness import results as res
 from harness.case import CaseResult
-from harness.results import ResultStore, exit_code, merge, totals, write_junit, write_summary
+from harness.results import (
+    EXIT_NOTHING_RAN,
+    ResultStore,
+    exit_code,
+    merge,
+    totals,
+    write_junit,
+    write_summary,
+)
 
 # The contract's field names, spelled out here (not derived from the dataclass) on purpose.
 CASE_KEYS = {"id", "setup", "baseline", "scenario", "model", "status", "reason", "first_divergence",
@@ -409,3 +417,13 @@ def test_merge_missing_shard_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="results.jsonl"):
         merge([tmp_path / "nowhere"])
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_only_oracle_cases_running_is_nothing_ran() -> None:
+    """The oracle case checks the one-device engine, not parallelism: a run whose every parallel
+    case skipped exits 4 even though its oracle cases passed; an oracle-only run is a real run."""
+    oracle = CaseResult("m/tp1-pp1-eager-text", "tp1-pp1-eager", "hf", "text", "m", "pass")
+    skipped = make("skip", scenario="text", reason="tp2 does not divide 9 heads")
+    assert exit_code([skipped, oracle]) == EXIT_NOTHING_RAN
+    assert exit_code([oracle]) == 0
+    assert exit_code([make("pass", scenario="text"), skipped, oracle]) == 0
