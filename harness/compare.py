@@ -350,12 +350,21 @@ def _walk_forced(cand: RequestOutput, base: RequestOutput, rules: _Rules) -> _Wa
         walk.steps += 1
         if _nonfinite(cand, base, step, walk, replayed=True):
             continue
-        greedy = _top_k(cand, step)[0][0] if _top_k(cand, step) else None
+        greedy = _greedy(cand, step)
         if greedy != base.token_ids[step]:
             walk.divergences.append(_flip(cand, base, step, rules, flips, greedy=greedy))
             flips += 1
         _same_token(cand, base, step, rules, walk, replayed=True)
     return walk
+
+
+def _greedy(forced: RequestOutput, step: int) -> int:
+    """The candidate's own greedy token at ``step`` of a forced replay: its top-1, unless the forced
+    token ties it (bf16 logits tie often; greedy takes the lowest id, top-k may list either)."""
+    top = _top_k(forced, step)
+    if not top or top[0][1] <= forced.logprobs[step]:
+        return forced.token_ids[step]
+    return top[0][0]
 
 
 def _same_token(cand: RequestOutput, base: RequestOutput, step: int, rules: _Rules, walk: _Walk,

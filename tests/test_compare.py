@@ -428,3 +428,17 @@ def test_unknown_policy_and_dtype_raise() -> None:
 def test_divergence_rejects_unknown_reason() -> None:
     with pytest.raises(ValueError, match="reason"):
         Divergence("a", 0, 1, 2, (), (), None, None, None, "vibes")
+
+
+def test_a_tie_in_the_forced_replay_is_not_a_flip() -> None:
+    """bf16 logits tie often: where the forced token ties the candidate's top-1, the top-k may
+    list the other id first, but greedy decoding would have chosen either: no flip."""
+    cand, base = flip_pair(0.3 * FP32_ATOL, 0.3 * FP32_ATOL)
+    replay = replay_of(base[0], flips={1: (51, 0.3 * FP32_ATOL)})
+    tied = replay_of(base[0])
+    tied.top_logprobs[2] = [(61, tied.logprobs[2]), (60, tied.logprobs[2]), (62, -3.0)]
+    base[0].top_logprobs[2] = [(60, -0.2), (61, -0.2), (62, -3.0)]
+    replay.top_logprobs[2] = tied.top_logprobs[2]
+    v = compare(cand, base, forced={"a": replay})
+    assert v.passed, v.message()
+    assert [d.step for d in v.divergences] == [1]
