@@ -132,11 +132,24 @@ def attention_impl(
     return out
 
 
+# ``mutates_args=()`` although the op writes the KV cache: ``mutates_args`` can only name the
+# op's arguments, and the cache is not one (it is reached through the forward context, as in
+# vLLM's ``unified_attention``; q, k and v are only read). Why a compiled graph still runs every
+# cache write, in order:
+# - the op is opaque: no decomposition, and a fake that touches no cache, so neither AOT
+#   autograd nor inductor sees or moves the write;
+# - its output is the layer's attention output, which ``o_proj`` consumes: never dead code;
+# - each layer's cache is written and read by that layer's op alone, once per step, and the op
+#   of layer i + 1 depends on the output of layer i, so data dependencies order every access;
+# - every layer passes its own ``layer`` name, so no two calls are ever merged as common
+#   subexpressions.
+# tests/test_compile_units.py::test_side_effect_ops_stay_in_compiled_graphs checks that every
+# compiled graph keeps one op per layer and that the cache after a compiled prefill equals eager's.
 @torch.library.custom_op("parity::attention", mutates_args=())
 def attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: str, scale: float
 ) -> torch.Tensor:
-    """Opaque attention node. Writes the KV cache of ``layer`` as a side effect."""
+    """Opaque attention node. Writes the KV cache of ``layer`` as a side effect (see above)."""
     return attention_impl(q, k, v, layer, scale)
 
 

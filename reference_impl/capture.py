@@ -25,6 +25,17 @@ def _full(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return collectives.all_gather(x.contiguous(), state.tp, state.tp_group_name)
 
 
+# ``mutates_args=()`` although the op writes ``STORE`` and all-gathers over the TP group: it
+# mutates none of its arguments (``STORE`` is a module dict, not an argument, and the inputs are
+# only read and copied). Why a compiled graph keeps it and its collective in place:
+# - the op is opaque, and its fake writes nothing, so tracing records no capture;
+# - it returns copies that replace ``hidden`` and ``residual`` in the layer (``DecoderLayer``),
+#   so the rest of the model consumes them: never dead code, and every later node (every later
+#   collective included) depends on it, every earlier one it depends on; all ranks run the same
+#   graph, so the all-gather is issued at the same point on each;
+# - each layer passes its own index, so no two calls are merged as common subexpressions.
+# tests/test_compile_units.py::test_side_effect_ops_stay_in_compiled_graphs checks that the
+# compiled capture graph keeps one op per layer and stores what eager stores.
 @torch.library.custom_op("parity::capture", mutates_args=())
 def capture(hidden: torch.Tensor, residual: torch.Tensor, layer: int, num_tokens: int
             ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,3 +104,43 @@ def test_sp_patterns_match_any_epsilon(single_rank_group: str, eps: float) -> No
     assert sp.last_counts == {"first": 1, "middle": 1, "final": 1}
     gm.recompile()
     assert f"{eps}" in gm.code or repr(eps) in gm.code  # the graph's epsilon is kept
+
+
+
+@pytest.mark.parametrize("mode", ["graph", "inductor"])
+def test_side_effect_ops_stay_in_compiled_graphs(mode: str) -> None:
+    """``parity::attention`` writes the KV cache and ``parity::capture`` the capture store, state
+    their arguments do not name, so both are declared ``mutates_args=()`` (the comments above
+    them say why that is safe). Compiled, the graph keeps one of each per layer, and a prefill
+    leaves the KV cache and captures the activations that eager does, up to compiler rounding
+    (the localizer's activation tolerance: a lost or misplaced write is off by whole values)."""
+    from harness.localize import ACTIVATION_RTOL
+    from reference_impl.capture import STORE
+    from reference_impl.compile.compiled_model import compile_records
+    from reference_impl.config import load_config
+    from reference_impl.engine import EngineSpec, build_runner
+    from reference_impl.requests import Request
+    from scenarios.models import checkpoint
+
+    def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+        scale = want.abs().max().item()
+        assert scale > 0, "eager wrote nothing"
+        return (got - want).abs().max().item() / scale
+
+    ckpt = str(checkpoint("tiny-llama"))
+    layers = load_config(ckpt).text.num_layers
+    requests = [Request("a", tuple(range(3, 20))), Request("b", tuple(range(40, 47)))]
+    cpu, rtol = torch.device("cpu"), ACTIVATION_RTOL["float32"]
+    eager = build_runner(EngineSpec(ckpt), cpu)
+    compiled = build_runner(EngineSpec(ckpt, compile=CompileConfig(mode)), cpu)
+    want, got = eager.capture_prefill(requests), compiled.capture_prefill(requests)
+    assert not STORE  # capture_prefill hands the store over and clears it
+    [record] = compile_records(compiled.model_fn)  # one step size, one graph
+    assert record["ops_after"].get("parity.attention.default") == layers, record["ops_after"]
+    assert record["ops_after"].get("parity.capture.default") == layers, record["ops_after"]
+    assert sorted(got) == sorted(want) and len(want) == 2 * layers + 2  # + num_tokens, offsets
+    errors = {name: relative_error(got[name], want[name]) for name in want if want[name].is_floating_point()}
+    for name, cache in eager.kv_caches.items():
+        errors[f"{name}.k"] = relative_error(compiled.kv_caches[name].k, cache.k)
+        errors[f"{name}.v"] = relative_error(compiled.kv_caches[name].v, cache.v)
+    assert max(errors.values()) <= rtol, {k: f"{v:.1e}" for k, v in errors.items() if v > rtol}
