@@ -5,12 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from reference_impl.compile.config import COMPILE_MODES, PARTITIONS, CompileConfig
+from reference_impl.compile.config import CompileConfig
 from reference_impl.engine import EngineSpec
 from reference_impl.runner import EngineConfig
 
-DTYPES = ("float32", "bfloat16")
-DEVICES = ("cpu", "cuda")
 # The engine's step budget in every setup: small enough that the scenarios' long prompt is
 # chunked and steps mix prefill with decode.
 MAX_NUM_BATCHED_TOKENS = 24
@@ -49,24 +47,12 @@ class ParallelSetup:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"tp={self.tp} and pp={self.pp} must be >= 1")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"compile={self.compile!r}: choose from {', '.join(COMPILE_MODES)}")
-        if self.partition not in PARTITIONS:
-            raise ValueError(f"partition={self.partition!r}: choose from {', '.join(PARTITIONS)}")
-        if self.sp and self.compile == "eager":
-            raise ValueError("sp needs a compiled setup (compile 'graph' or 'inductor'), not eager")
+        # The engine's configs check every field they carry (``EngineSpec``: degrees, dtype
+        # against the engine's dtype table, device; ``CompileConfig``: mode, partition, SP);
+        # building them is the validation. A setup adds only its own rule.
+        self.engine_spec(checkpoint="")
         if self.sp and self.tp == 1:
             raise ValueError("sp needs tp > 1: with one TP rank there is nothing to shard")
-        if self.compile == "eager" and self.partition != "full":
-            raise ValueError("partition applies to compiled setups only")
-        if self.sp_min_tokens < 0:
-            raise ValueError(f"sp_min_tokens={self.sp_min_tokens} must be >= 0")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: choose from {', '.join(DTYPES)}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device={self.device!r}: choose from {', '.join(DEVICES)}")
 
     @property
     def world_size(self) -> int:

@@ -14,10 +14,16 @@ from reference_impl.parallel import apply_tp, init_parallel, split_stages, valid
 from reference_impl.parallel.pipeline import PipelineComm
 from reference_impl.runner import EngineConfig, LocalComm, Runner, StageComm
 
+DEVICES = ("cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """Everything a rank needs to build its part of the engine; identical on every rank."""
+    """Everything a rank needs to build its part of the engine; identical on every rank.
+
+    Checked on construction, field by field (``compile`` checks itself: ``CompileConfig``);
+    ``validate`` adds what needs the checkpoint's config and the devices present.
+    """
 
     checkpoint: str
     tp: int = 1
@@ -27,21 +33,25 @@ class EngineSpec:
     engine: EngineConfig = field(default_factory=EngineConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
 
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp={self.tp} and pp={self.pp} must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: choose from {', '.join(DTYPES)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}: choose from {', '.join(DEVICES)}")
+
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unsupported dtype {self.dtype!r}: choose from {sorted(DTYPES)}")
         return DTYPES[self.dtype]
 
     def validate(self, num_devices: int | None = None) -> None:
-        """Reject the spec before any process starts."""
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"unsupported device {self.device!r}: 'cpu' or 'cuda'")
-        _ = self.torch_dtype
+        """Reject a layout the checkpoint's model or the devices present cannot take, before any
+        process starts."""
         validate_parallel(load_config(Path(self.checkpoint)), self.tp, self.pp, self.device, num_devices)
 
 

@@ -31,9 +31,10 @@ def test_id_examples() -> None:
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"tp": 0}, "tp=0 and pp=1 must be >= 1"),
-    ({"tp": 2, "sp": True}, "sp needs a compiled setup"),
+    ({"tp": 2, "sp": True}, "sequence parallelism is a compile pass"),
     ({"sp": True, "compile": "graph"}, "sp needs tp > 1"),
-    ({"compile": "jit"}, "compile='jit'"),
+    ({"compile": "jit"}, "compile mode 'jit'"),
+    ({"compile": "graph", "sp_min_tokens": -1}, "sp_min_tokens=-1 must be >= 0"),
     ({"compile": "eager", "partition": "piecewise"}, "partition applies to compiled setups only"),
     ({"dtype": "float16"}, "dtype='float16'"),
     ({"device": "tpu"}, "device='tpu'"),

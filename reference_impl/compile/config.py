@@ -28,6 +28,8 @@ class CompileConfig:
             raise ValueError(f"partition {self.partition!r}: choose from {PARTITIONS}")
         if self.sp and self.mode == "eager":
             raise ValueError("sequence parallelism is a compile pass: it needs compile 'graph' or 'inductor'")
+        if self.mode == "eager" and self.partition != "full":
+            raise ValueError("partition applies to compiled setups only")
         if self.sp_min_tokens < 0:
             raise ValueError(f"sp_min_tokens={self.sp_min_tokens} must be >= 0")
 
