@@ -153,8 +153,8 @@ def _selftest(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from harness.matrix import MATRICES
-    from harness.scenario import SCENARIOS
     from scenarios.models import MODELS
+    from scenarios.registry import SCENARIOS
 
     if args.what == "models":
         for name, spec in MODELS.items():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.scenario import SCENARIOS
 from harness.setup import ParallelSetup
+from scenarios.registry import SCENARIOS
 
 ALL_SCENARIOS = tuple(SCENARIOS)
 

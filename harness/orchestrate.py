@@ -17,11 +17,11 @@ from harness.launch.base import EngineRun, Launcher, WorkerError
 from harness.localize import localize, merge_captures
 from harness.matrix import Matrix
 from harness.mutations import get_mutation
-from harness.scenario import get_scenario
 from harness.setup import ParallelSetup
 from reference_impl.config import load_config
 from reference_impl.requests import Request, RequestOutput
 from scenarios.models import cache_root, resolve
+from scenarios.registry import get_scenario
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 
 from harness.launch import MpLauncher
-from harness.scenario import get_scenario
 from reference_impl.compile import CompileConfig
 from reference_impl.config import load_config
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 from reference_impl.runner import EngineConfig
 from scenarios.models import checkpoint
+from scenarios.registry import get_scenario
 
 # SP vs SP-off, fp32: SP computes each norm on the same rows with the same kernel and replaces
 # an all-reduce by reduce-scatter + all-gather of the same sums; on gloo/CPU the outputs were

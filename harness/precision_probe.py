@@ -8,7 +8,7 @@ where each request's tokens part from it. A bug shows as a float32 compiled run 
 float32 eager; numerics as a float32 compiled run that matches, with the bfloat16 runs about
 equally far from the reference.
 
-    python -m scenarios.precision_probe --device cuda --scenario prompt_embeds --compile inductor-full
+    python -m harness.precision_probe --device cuda --scenario prompt_embeds --compile inductor-full
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 from harness.compare import compare
 from harness.launch.inprocess import InProcessLauncher
-from harness.scenario import SCENARIOS, get_scenario
 from harness.setup import ParallelSetup
 from reference_impl.requests import RequestOutput
 from scenarios.models import resolve
+from scenarios.registry import SCENARIOS, get_scenario
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def probe(device: str, scenario: str, compiled: str, model: str = "tiny-llava") 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scenarios.precision_probe", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m harness.precision_probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--scenario", default="prompt_embeds", choices=sorted(SCENARIOS))

@@ -1,4 +1,5 @@
-"""Scenarios as data: which requests a case sends, and what a model must support to run them."""
+"""The scenario registry: each scenario by name, the requests it sends (built by ``scenarios.inputs``)
+and what a model must support to run them. Scenarios are data."""
 
 from __future__ import annotations
 
