@@ -18,7 +18,8 @@ import time
 from collections.abc import Sequence
 
 from harness.matrix import get_matrix
-from harness.orchestrate import Orchestrator, RunOptions, plan
+from harness.orchestrate import Orchestrator
+from harness.plan import RunOptions, plan
 
 COMMANDS = ("pool", "startup")
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from harness.case import CaseResult
-    from harness.orchestrate import PlannedCase, RunOptions
+    from harness.plan import PlannedCase, RunOptions
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
 # harness.results.EXIT_NOTHING_RAN, repeated like the others: importing harness.results pulls in
@@ -47,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from harness.matrix import get_matrix
-    from harness.orchestrate import Orchestrator, RunOptions, plan, shard
+    from harness.orchestrate import Orchestrator
+    from harness.plan import RunOptions, plan, shard
     from harness.progress import Progress
     from harness.results import ResultStore, environment, exit_code
     from reports.html import render_all
@@ -113,7 +114,7 @@ def _explain_nothing_ran(results: Sequence[CaseResult], planned: Sequence[Planne
 def _fit_suggestion(setup_ids: Sequence[str], options: RunOptions) -> str:
     """The line naming the planned setups' fitted versions (``--fit`` runs them), or saying none fits."""
     from harness.fit import fitting_setups
-    from harness.orchestrate import available_devices
+    from harness.plan import available_devices
     from reference_impl.config import load_config
     from scenarios.models import resolve
 
@@ -131,7 +132,7 @@ def _selftest(args: argparse.Namespace) -> int:
 
     from harness.matrix import get_matrix
     from harness.mutations import CATALOG, get_mutation
-    from harness.orchestrate import RunOptions
+    from harness.plan import RunOptions
     from harness.selftest import selftest
 
     torch.set_num_threads(1)

@@ -4,10 +4,16 @@ token rows that differ, and the TP rank whose shard those rows belong to."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from harness.setup import ParallelSetup
+    from reference_impl.requests import Request
+
+Capture = Mapping[str, torch.Tensor]
 
 # Per-layer error is measured relative to the baseline tensor's largest magnitude.
 # fp32: TP/SP reorder sums only. Measured over the whole smoke matrix (`parity selftest --localize`,
@@ -82,3 +88,27 @@ def localize(candidate: Mapping[str, torch.Tensor], baseline: Mapping[str, torch
     if found is not None and found["tp_ranks"]:
         result["tp_rank"] = found["tp_ranks"][0] if len(found["tp_ranks"]) == 1 else found["tp_ranks"]
     return result
+
+
+def localize_replay(setup: ParallelSetup, dtype: str, requests: Sequence[Request], request_id: str,
+                    capture_candidate: Callable[[], Sequence[Capture]],
+                    capture_baseline: Callable[[], Sequence[Capture]]) -> dict[str, Any]:
+    """Localize a failed case of ``setup``: each side's capture of the batch's prefill (the failing
+    request with the requests it was batched with, in one step; every rank's part), then
+    ``localize``, with the failing request and the requests whose rows differ. A replay that
+    fails (a rank raised: ``WorkerError``) is reported as a note, not raised."""
+    try:
+        cand = merge_captures(capture_candidate())
+        base = merge_captures(capture_baseline())
+    except RuntimeError as exc:  # WorkerError included
+        return {"note": f"localization replay failed: {str(exc).splitlines()[0]}", "error": str(exc)}
+    result = localize(cand, base, setup.tp, dtype, token_sharded=setup.sp)
+    result["failing_request"] = request_id
+    result["row_requests"] = sorted({requests[i].request_id for i in requests_of_rows(result["rows"], cand)})
+    return result
+
+
+def requests_of_rows(rows: list[int], captured: Mapping[str, Any]) -> list[int]:
+    """Indices of the requests whose prompt rows (per the capture's offsets) include ``rows``."""
+    offsets = [int(x) for x in captured.get("offsets", [])]
+    return sorted({i for r in rows for i in range(len(offsets) - 1) if offsets[i] <= r < offsets[i + 1]})

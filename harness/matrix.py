@@ -18,7 +18,7 @@ class Matrix:
     scenarios: tuple[str, ...] = ALL_SCENARIOS
     device: str = "cpu"
     dtype: str = "float32"
-    # Add the oracle case per scenario (harness.orchestrate.oracle_cases): the one-device engine
+    # Add the oracle case per scenario (harness.plan.oracle_cases): the one-device engine
     # against Hugging Face transformers, so that a bug every setup shares still fails the gate.
     oracle: bool = True
 

@@ -1,52 +1,28 @@
-"""Runs cases: plans them from a matrix, gets baseline and candidate outputs from pooled
-workers, compares, and records each result as soon as it is known."""
+"""Runs cases: gets baseline and candidate outputs from pooled workers, compares, and returns
+each case's final result as soon as it is known. Planning is ``harness.plan``, the pools
+``harness.pool``, the replay that localizes a failure ``harness.localize``."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from harness import outcome
 from harness.baseline import BaselineCache, hf_generate
-from harness.case import HF_BASELINE, ORACLE_SETUP, Case, CaseResult
+from harness.case import Case, CaseResult
 from harness.compare import compare
-from harness.launch.base import EngineRun, Launcher, WorkerError
-from harness.localize import localize, merge_captures
-from harness.matrix import Matrix
+from harness.launch.base import EngineRun, WorkerError
+from harness.localize import localize_replay
 from harness.mutations import get_mutation
+from harness.plan import PlannedCase, RunOptions
+from harness.pool import LauncherPool, make_room
 from harness.setup import ParallelSetup
-from reference_impl.config import load_config
 from reference_impl.requests import Request, RequestOutput
 from scenarios.models import cache_root, resolve
 from scenarios.registry import get_scenario
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How a run executes (the part of the command line that is not case selection)."""
-
-    backend: str = "ray"  # "ray" | "mp"
-    device: str = "cpu"
-    dtype: str = "float32"
-    baseline: str = "auto"  # "auto" | "hf" | a setup id
-    model: str = "tiny-llava"
-    policy: str = "auto"  # "auto" (outcome.policy_for) | "logprobs" | "exact" | "identical"
-    seed: int = 0
-    max_new_tokens: int = 16
-    fresh_workers: bool = False
-    mutation: str | None = None
-    use_baseline_cache: bool = True
-    localize: bool = True  # replay a failing case with activation capture (selftest turns it off)
-    allow_confounded: bool = False  # accept an explicit baseline that differs in several features
-    fit: bool = False  # --fit: move each setup's tp to the nearest the model takes (harness/fit.py)
-
-    def __post_init__(self) -> None:
-        if self.backend not in ("ray", "mp"):
-            raise ValueError(f"backend {self.backend!r}: choose 'ray' or 'mp'")
-
 
 _T = TypeVar("_T")
 
@@ -57,203 +33,6 @@ class _CaseOutcome(Exception):
     def __init__(self, status: str, reason: str) -> None:
         super().__init__(reason)
         self.status, self.reason = status, reason
-
-
-@dataclass(frozen=True)
-class PlannedCase:
-    case: Case
-    skip_reason: str | None = None
-
-
-def available_devices(device: str) -> int | None:
-    """How many ranks the device allows (None: no limit, CPU ranks are processes)."""
-    if device == "cpu":
-        return None
-    import torch
-
-    return torch.cuda.device_count()
-
-
-# What ``--baseline ID`` must satisfy, named in the error when it does not.
-BASELINE_RULE = ("a baseline must differ from the candidate in exactly one feature "
-                 "(SP; TP/PP degrees; compile mode/partition; chunked prefill; dtype; device)")
-
-
-def baseline_for(setup: ParallelSetup, choice: str, allow_confounded: bool = False) -> ParallelSetup | str:
-    """The baseline of ``setup`` for ``--baseline choice`` ("auto" | "hf" | a setup id).
-
-    An explicit id must differ from ``setup`` in exactly one feature (``ParallelSetup.differences``),
-    so that a failure points at that feature; more than one is refused (``ValueError``) unless
-    ``allow_confounded``; none (the setup itself, which can never fail) is refused always.
-    """
-    if choice == "auto":
-        # One eager device has no feature left to take away: its baseline is the oracle.
-        if setup.world_size == 1 and setup.compile == "eager":
-            return HF_BASELINE
-        return setup.auto_baseline()
-    if choice == HF_BASELINE:
-        return HF_BASELINE
-    base = ParallelSetup.parse(choice, setup.dtype, setup.device)
-    diff = setup.differences(base)
-    if not diff:
-        raise ValueError(f"{BASELINE_RULE}; {setup.id} vs {base.id} differs in nothing: "
-                         "it compares a setup with itself and can never fail")
-    if len(diff) > 1 and not allow_confounded:
-        raise ValueError(f"{BASELINE_RULE}; {setup.id} vs {base.id} differs in: {', '.join(diff)} "
-                         "(--allow-confounded compares them anyway)")
-    return base
-
-
-def plan(matrix: Matrix, options: RunOptions, setups: Sequence[str] | None = None,
-         scenarios: Sequence[str] | None = None) -> list[PlannedCase]:
-    """Cases of ``matrix`` (optionally narrowed), each with a skip reason where it cannot run."""
-    chosen = list(setups) if setups else list(matrix.setups)
-    setup_objs = [ParallelSetup.parse(s, options.dtype, options.device) for s in chosen]
-    names = list(scenarios) if scenarios else list(matrix.scenarios)
-    for name in names:
-        get_scenario(name)
-    cfg = load_config(resolve(options.model))
-    limit = available_devices(options.device)
-    if options.fit:
-        setup_objs = _fitted(setup_objs, cfg, limit)
-    planned = []
-    for setup in setup_objs:
-        for name in names:
-            case = Case(setup, baseline_for(setup, options.baseline, options.allow_confounded), name,
-                        options.model)
-            planned.append(PlannedCase(case, _skip_reason(case, cfg, limit)))
-    if matrix.oracle and not setups:
-        planned += [PlannedCase(c, _skip_reason(c, cfg, limit)) for c in oracle_cases(options, names)
-                    if c.id not in {p.case.id for p in planned}]
-    return planned
-
-
-def oracle_cases(options: RunOptions, scenarios: Sequence[str]) -> list[Case]:
-    """Per scenario: the one-device eager engine against Hugging Face transformers. Every other
-    case compares the engine with itself, so a bug all setups share (the single-device code
-    path) passes them all; this case fails it."""
-    setup = ParallelSetup.parse(ORACLE_SETUP, options.dtype, options.device)
-    return [Case(setup, HF_BASELINE, name, options.model) for name in scenarios]
-
-
-def _fitted(setups: Sequence[ParallelSetup], cfg: Any, limit: int | None) -> list[ParallelSetup]:
-    """``--fit``: each setup through ``fit_setup``; those that fit to one id run once, and a setup
-    nothing fits stays as it is (planned as a skip with its reason)."""
-    from harness.fit import fit_setup
-
-    by_id: dict[str, ParallelSetup] = {}
-    for setup in setups:
-        fitted = fit_setup(setup, cfg, limit) or setup
-        by_id.setdefault(fitted.id, fitted)
-    return list(by_id.values())
-
-
-def _skip_reason(case: Case, cfg: Any, limit: int | None) -> str | None:
-    from reference_impl.parallel import validate_parallel
-
-    reason = get_scenario(case.scenario).skip_reason(cfg)
-    if reason:
-        return reason
-    for setup in (case.setup, case.baseline):
-        if not isinstance(setup, ParallelSetup):
-            continue
-        if limit is not None and setup.world_size > limit:
-            return f"{setup.id} needs {setup.world_size} {setup.device} devices; {limit} available"
-        try:
-            validate_parallel(cfg, setup.tp, setup.pp)
-        except ValueError as exc:
-            return f"{setup.id} does not fit {case.model}: {exc}"
-    return None
-
-
-def _requests_of(rows: list[int], captured: dict[str, Any]) -> list[int]:
-    """Indices of the requests whose prompt rows (per the capture's offsets) include ``rows``."""
-    offsets = [int(x) for x in captured.get("offsets", [])]
-    return sorted({i for r in rows for i in range(len(offsets) - 1) if offsets[i] <= r < offsets[i + 1]})
-
-
-def shard(planned: list[PlannedCase], index: int, count: int) -> list[PlannedCase]:
-    """Cases ``index, index + count, ...`` (``--shard I/N`` with 0 <= I < N)."""
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: need 0 <= I < N")
-    return planned[index::count]
-
-
-@dataclass
-class LauncherPool:
-    """Launchers per world size, reused across cases (``fresh_workers``: new ones per run)."""
-
-    backend: str
-    device: str
-    fresh_workers: bool = False
-    mutation: str | None = None  # applied inside every worker this pool starts
-    _launchers: dict[int, Launcher] = field(default_factory=dict)
-
-    def get(self, world_size: int) -> Launcher:
-        if world_size == 1 and self.mutation is None:
-            from harness.launch.inprocess import InProcessLauncher
-
-            return self._launchers.setdefault(1, InProcessLauncher(self.device))
-        if world_size not in self._launchers:
-            launcher = self._new(world_size)
-            if self.mutation is not None:
-                launcher.call("mutate", self.mutation)
-            self._launchers[world_size] = launcher
-        return self._launchers[world_size]
-
-    def _new(self, world_size: int) -> Launcher:
-        if self.backend == "ray":
-            from harness.launch.ray_launcher import RayLauncher
-
-            return RayLauncher(world_size, self.device, fresh_workers=self.fresh_workers)
-        from harness.launch.mp import MpLauncher
-
-        return MpLauncher(world_size, self.device)
-
-    def run(self, setup: ParallelSetup, checkpoint: str, requests: list[Request]) -> list[RequestOutput]:
-        """Rank 0's outputs of ``setup`` on ``requests``."""
-        return self.run_traced(setup, checkpoint, requests).outputs
-
-    def run_traced(self, setup: ParallelSetup, checkpoint: str, requests: list[Request]) -> EngineRun:
-        """``setup`` on ``requests``: the outputs and every rank's report."""
-        launcher = self.get(setup.world_size)
-        try:
-            return launcher.run_traced(setup.engine_spec(checkpoint), requests)
-        except WorkerError:
-            self.drop(setup.world_size)
-            raise
-        finally:
-            if self.fresh_workers and self.backend == "mp" and setup.world_size > 1:
-                self.drop(setup.world_size)
-
-    def capture(self, setup: ParallelSetup, checkpoint: str, requests: list[Request]) -> list[dict[str, Any]]:
-        """Every rank's activations of the requests' prefill under ``setup``."""
-        launcher = self.get(setup.world_size)
-        try:
-            out: list[dict[str, Any]] = launcher.call("capture", setup.engine_spec(checkpoint), requests)
-        except WorkerError:
-            self.drop(setup.world_size)
-            raise
-        return out
-
-    def devices_to_start(self, world_size: int) -> int:
-        """Devices that ``get(world_size)`` would newly reserve (0: held already, or in-process)."""
-        if world_size in self._launchers or (world_size == 1 and self.mutation is None):
-            return 0
-        return world_size
-
-    def devices_held(self) -> int:
-        """Devices reserved by this pool's rank processes (the in-process launcher reserves none)."""
-        return sum(ws for ws, launcher in self._launchers.items() if ws > 1 or self.mutation is not None)
-
-    def drop(self, world_size: int) -> None:
-        launcher = self._launchers.pop(world_size, None)
-        if launcher is not None:
-            launcher.close()
-
-    def close(self) -> None:
-        for ws in list(self._launchers):
-            self.drop(ws)
 
 
 class Orchestrator:
@@ -303,16 +82,8 @@ class Orchestrator:
         return self.pool.run_traced(case.setup, self.checkpoint, requests)
 
     def _make_room(self, user: LauncherPool, setup: ParallelSetup) -> None:
-        """Under a mutation the mutated and the clean pool each keep rank processes; on GPUs both
-        may not fit (tp2 x pp2 twice on 4 GPUs), so the other pool's ranks go first (it restarts
-        them, re-applying its mutation, when it next needs them)."""
-        if self.baseline_pool is self.pool or self.options.device != "cuda":
-            return
-        other = self.baseline_pool if user is self.pool else self.pool
-        limit = available_devices(self.options.device) or 0
-        needed = user.devices_to_start(setup.world_size)
-        if needed and user.devices_held() + other.devices_held() + needed > limit:
-            other.close()
+        """Free the other pool's GPUs if ``user`` needs them for ``setup`` (``pool.make_room``)."""
+        make_room(user, self.baseline_pool if user is self.pool else self.pool, setup.world_size)
 
     def run_case(self, planned: PlannedCase) -> CaseResult:
         """Baseline, candidate, the checks of ``harness.outcome``, the comparison (with a forced
@@ -378,21 +149,17 @@ class Orchestrator:
         return {o.request_id: o for o in self.candidate_run(case, forced).outputs}
 
     def localize(self, case: Case, requests: list[Request], request_id: str) -> dict[str, Any] | None:
-        """Replay the batch's prefill (the failing request with the requests it was batched with)
-        in one step with capture on both sides (not for ``hf``)."""
-        if isinstance(case.baseline, str):
+        """Replay the batch's prefill with capture on both sides (``localize_replay``; not for ``hf``)."""
+        baseline = case.baseline
+        if isinstance(baseline, str):
             return {"note": "no localization against the transformers baseline (no activation capture)"}
-        try:
-            self._make_room(self.pool, case.setup)
-            cand = merge_captures(self.pool.capture(case.setup, self.checkpoint, requests))
-            self._make_room(self.baseline_pool, case.baseline)
-            base = merge_captures(self.baseline_pool.capture(case.baseline, self.checkpoint, requests))
-        except (WorkerError, RuntimeError) as exc:
-            return {"note": f"localization replay failed: {str(exc).splitlines()[0]}", "error": str(exc)}
-        result = localize(cand, base, case.setup.tp, self.options.dtype, token_sharded=case.setup.sp)
-        result["failing_request"] = request_id
-        result["row_requests"] = sorted({requests[i].request_id for i in _requests_of(result["rows"], cand)})
-        return result
+        return localize_replay(case.setup, self.options.dtype, requests, request_id,
+                               lambda: self._capture(self.pool, case.setup, requests),
+                               lambda: self._capture(self.baseline_pool, baseline, requests))
+
+    def _capture(self, pool: LauncherPool, setup: ParallelSetup, requests: list[Request]) -> list[dict[str, Any]]:
+        self._make_room(pool, setup)
+        return pool.capture(setup, self.checkpoint, requests)
 
     def close(self) -> None:
         self.pool.close()

@@ -82,7 +82,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _options(config: pytest.Config) -> Any:
     from harness.matrix import get_matrix
-    from harness.orchestrate import RunOptions
+    from harness.plan import RunOptions
 
     matrix = get_matrix(config.getoption("--parity-matrix"))
     return RunOptions(backend=config.getoption("--parity-backend"),
@@ -94,7 +94,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "parity_case" not in metafunc.fixturenames:
         return
     from harness.matrix import get_matrix
-    from harness.orchestrate import plan
+    from harness.plan import plan
 
     config = metafunc.config
     planned = plan(get_matrix(config.getoption("--parity-matrix")), _options(config))

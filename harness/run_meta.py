@@ -15,7 +15,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from harness.orchestrate import RunOptions
+    from harness.plan import RunOptions
 
 # The distribution name of this project (pyproject.toml), whose version a run records.
 DISTRIBUTION = "parity-harness"

@@ -13,7 +13,8 @@ from typing import Any
 
 from harness.case import CaseResult
 from harness.matrix import Matrix
-from harness.orchestrate import Orchestrator, PlannedCase, RunOptions, plan
+from harness.orchestrate import Orchestrator
+from harness.plan import PlannedCase, RunOptions, plan
 from harness.progress import Progress
 from harness.results import ResultStore, environment
 

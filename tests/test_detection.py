@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from harness.matrix import get_matrix
-from harness.orchestrate import Orchestrator, RunOptions, plan
+from harness.orchestrate import Orchestrator
+from harness.plan import RunOptions, plan
 
 
 def test_middle_slice_bug_pattern_and_localization() -> None:

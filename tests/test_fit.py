@@ -8,7 +8,7 @@ import pytest
 
 from harness.fit import fit_setup, fitting_setups
 from harness.matrix import get_matrix
-from harness.orchestrate import RunOptions, plan
+from harness.plan import RunOptions, plan
 from harness.setup import ParallelSetup
 from reference_impl.config import ModelConfig, config_from_dict
 from scenarios.models import MODELS

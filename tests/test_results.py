@@ -285,7 +285,7 @@ def test_summary_json_keys_exactly_per_contract(tmp_path: Path) -> None:
 
 def test_summary_json_has_the_run_settings_first(tmp_path: Path) -> None:
     from harness.compare import tolerance_for
-    from harness.orchestrate import RunOptions
+    from harness.plan import RunOptions
     from harness.run_meta import run_settings
 
     opts = RunOptions(backend="mp", model="tiny-llama", dtype="bfloat16", seed=7, mutation="all-gather-reversed-order")

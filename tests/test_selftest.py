@@ -9,7 +9,7 @@ from typing import Any
 
 from harness.case import CaseResult
 from harness.matrix import Matrix
-from harness.orchestrate import PlannedCase, RunOptions
+from harness.plan import PlannedCase, RunOptions
 from harness.selftest import selftest
 
 MATRIX = Matrix("tiny", "two setups x two scenarios", ("tp2-eager", "tp2-sp-graph-full"), scenarios=("text", "mixed"),

@@ -10,7 +10,7 @@ import pytest
 from harness.baseline import BaselineCache
 from harness.case import Case
 from harness.matrix import MATRICES, get_matrix
-from harness.orchestrate import RunOptions, plan, shard
+from harness.plan import RunOptions, plan, shard
 from harness.setup import ParallelSetup
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request
@@ -127,10 +127,11 @@ class _FakeLauncher:
 def test_mutated_and_clean_pools_share_the_gpus(monkeypatch: pytest.MonkeyPatch, gpus: int, freed: bool) -> None:
     """Under a mutation on 4 GPUs, the clean pool's tp2 x pp2 ranks only fit once the mutated
     pool's are gone (and the other way round); with 8 GPUs both stay."""
-    import harness.orchestrate as orchestrate
+    import harness.pool
+    from harness.orchestrate import Orchestrator
 
-    monkeypatch.setattr(orchestrate, "available_devices", lambda device: gpus)
-    orch = orchestrate.Orchestrator(RunOptions(backend="mp", device="cuda", mutation="all-gather-reversed-order"))
+    monkeypatch.setattr(harness.pool, "available_devices", lambda device: gpus)
+    orch = Orchestrator(RunOptions(backend="mp", device="cuda", mutation="all-gather-reversed-order"))
     mutated = _FakeLauncher()
     orch.pool._launchers[4] = mutated  # type: ignore[assignment]
     setup = ParallelSetup.parse("tp2-pp2-graph-full", "bfloat16", "cuda")
@@ -140,8 +141,11 @@ def test_mutated_and_clean_pools_share_the_gpus(monkeypatch: pytest.MonkeyPatch,
     orch.baseline_pool._launchers[4] = clean  # type: ignore[assignment]
     orch._make_room(orch.pool, setup)
     assert clean.closed is freed
-    # One-device clean baselines run in the driver and reserve nothing.
+    # One-device clean baselines run in the driver and reserve nothing: the mutated ranks stay.
+    held = _FakeLauncher()
+    orch.pool._launchers[4] = held  # type: ignore[assignment]
     orch._make_room(orch.baseline_pool, ParallelSetup.parse("tp1-pp1-eager", "bfloat16", "cuda"))
+    assert not held.closed and orch.pool._launchers[4] is held
 
 
 # --- explicit baselines: exactly one feature apart ---------------------------------------------

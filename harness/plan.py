@@ -1,0 +1,153 @@
+"""Planning a run: the cases of a matrix (setup x scenario, each against its baseline, plus the
+oracle case per scenario), with a skip reason where a case cannot run here, and shards of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from harness.case import HF_BASELINE, ORACLE_SETUP, Case
+from harness.matrix import Matrix
+from harness.setup import ParallelSetup
+from reference_impl.config import load_config
+from scenarios.models import resolve
+from scenarios.registry import get_scenario
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run executes (the part of the command line that is not case selection)."""
+
+    backend: str = "ray"  # "ray" | "mp"
+    device: str = "cpu"
+    dtype: str = "float32"
+    baseline: str = "auto"  # "auto" | "hf" | a setup id
+    model: str = "tiny-llava"
+    policy: str = "auto"  # "auto" (outcome.policy_for) | "logprobs" | "exact" | "identical"
+    seed: int = 0
+    max_new_tokens: int = 16
+    fresh_workers: bool = False
+    mutation: str | None = None
+    use_baseline_cache: bool = True
+    localize: bool = True  # replay a failing case with activation capture (selftest turns it off)
+    allow_confounded: bool = False  # accept an explicit baseline that differs in several features
+    fit: bool = False  # --fit: move each setup's tp to the nearest the model takes (harness/fit.py)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("ray", "mp"):
+            raise ValueError(f"backend {self.backend!r}: choose 'ray' or 'mp'")
+
+
+@dataclass(frozen=True)
+class PlannedCase:
+    case: Case
+    skip_reason: str | None = None
+
+
+def available_devices(device: str) -> int | None:
+    """How many ranks the device allows (None: no limit, CPU ranks are processes)."""
+    if device == "cpu":
+        return None
+    import torch
+
+    return torch.cuda.device_count()
+
+
+# What ``--baseline ID`` must satisfy, named in the error when it does not.
+BASELINE_RULE = ("a baseline must differ from the candidate in exactly one feature "
+                 "(SP; TP/PP degrees; compile mode/partition; chunked prefill; dtype; device)")
+
+
+def baseline_for(setup: ParallelSetup, choice: str, allow_confounded: bool = False) -> ParallelSetup | str:
+    """The baseline of ``setup`` for ``--baseline choice`` ("auto" | "hf" | a setup id).
+
+    An explicit id must differ from ``setup`` in exactly one feature (``ParallelSetup.differences``),
+    so that a failure points at that feature; more than one is refused (``ValueError``) unless
+    ``allow_confounded``; none (the setup itself, which can never fail) is refused always.
+    """
+    if choice == "auto":
+        # One eager device has no feature left to take away: its baseline is the oracle.
+        if setup.world_size == 1 and setup.compile == "eager":
+            return HF_BASELINE
+        return setup.auto_baseline()
+    if choice == HF_BASELINE:
+        return HF_BASELINE
+    base = ParallelSetup.parse(choice, setup.dtype, setup.device)
+    diff = setup.differences(base)
+    if not diff:
+        raise ValueError(f"{BASELINE_RULE}; {setup.id} vs {base.id} differs in nothing: "
+                         "it compares a setup with itself and can never fail")
+    if len(diff) > 1 and not allow_confounded:
+        raise ValueError(f"{BASELINE_RULE}; {setup.id} vs {base.id} differs in: {', '.join(diff)} "
+                         "(--allow-confounded compares them anyway)")
+    return base
+
+
+def plan(matrix: Matrix, options: RunOptions, setups: Sequence[str] | None = None,
+         scenarios: Sequence[str] | None = None) -> list[PlannedCase]:
+    """Cases of ``matrix`` (optionally narrowed), each with a skip reason where it cannot run."""
+    chosen = list(setups) if setups else list(matrix.setups)
+    setup_objs = [ParallelSetup.parse(s, options.dtype, options.device) for s in chosen]
+    names = list(scenarios) if scenarios else list(matrix.scenarios)
+    for name in names:
+        get_scenario(name)
+    cfg = load_config(resolve(options.model))
+    limit = available_devices(options.device)
+    if options.fit:
+        setup_objs = _fitted(setup_objs, cfg, limit)
+    planned = []
+    for setup in setup_objs:
+        for name in names:
+            case = Case(setup, baseline_for(setup, options.baseline, options.allow_confounded), name,
+                        options.model)
+            planned.append(PlannedCase(case, _skip_reason(case, cfg, limit)))
+    if matrix.oracle and not setups:
+        planned += [PlannedCase(c, _skip_reason(c, cfg, limit)) for c in oracle_cases(options, names)
+                    if c.id not in {p.case.id for p in planned}]
+    return planned
+
+
+def oracle_cases(options: RunOptions, scenarios: Sequence[str]) -> list[Case]:
+    """Per scenario: the one-device eager engine against Hugging Face transformers. Every other
+    case compares the engine with itself, so a bug all setups share (the single-device code
+    path) passes them all; this case fails it."""
+    setup = ParallelSetup.parse(ORACLE_SETUP, options.dtype, options.device)
+    return [Case(setup, HF_BASELINE, name, options.model) for name in scenarios]
+
+
+def _fitted(setups: Sequence[ParallelSetup], cfg: Any, limit: int | None) -> list[ParallelSetup]:
+    """``--fit``: each setup through ``fit_setup``; those that fit to one id run once, and a setup
+    nothing fits stays as it is (planned as a skip with its reason)."""
+    from harness.fit import fit_setup
+
+    by_id: dict[str, ParallelSetup] = {}
+    for setup in setups:
+        fitted = fit_setup(setup, cfg, limit) or setup
+        by_id.setdefault(fitted.id, fitted)
+    return list(by_id.values())
+
+
+def _skip_reason(case: Case, cfg: Any, limit: int | None) -> str | None:
+    from reference_impl.parallel import validate_parallel
+
+    reason = get_scenario(case.scenario).skip_reason(cfg)
+    if reason:
+        return reason
+    for setup in (case.setup, case.baseline):
+        if not isinstance(setup, ParallelSetup):
+            continue
+        if limit is not None and setup.world_size > limit:
+            return f"{setup.id} needs {setup.world_size} {setup.device} devices; {limit} available"
+        try:
+            validate_parallel(cfg, setup.tp, setup.pp)
+        except ValueError as exc:
+            return f"{setup.id} does not fit {case.model}: {exc}"
+    return None
+
+
+def shard(planned: list[PlannedCase], index: int, count: int) -> list[PlannedCase]:
+    """Cases ``index, index + count, ...`` (``--shard I/N`` with 0 <= I < N)."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= I < N")
+    return planned[index::count]
