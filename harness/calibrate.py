@@ -21,8 +21,8 @@ from pathlib import Path
 from harness.case import Case
 from harness.matrix import get_matrix
 from harness.orchestrate import Orchestrator
-from harness.plan import RunOptions, plan
 from harness.outcome import policy_for
+from harness.plan import RunOptions, plan
 from reference_impl.requests import RequestOutput
 
 

@@ -160,25 +160,6 @@ class Runner:
             scheduler.finish_step(chunks)
         return [s.output for s in pending]
 
-    def prefill_logits(self, requests: Sequence[Request]) -> list[torch.Tensor]:
-        """Logits at every prompt position, ``(prompt_len, vocab)`` per request, from one
-        unchunked prefill step (single stage only)."""
-        if not (self.comm.is_first and self.comm.is_last):
-            raise RuntimeError("prefill_logits needs the whole model on one stage")
-        if len(requests) > self.config.max_num_seqs:
-            raise ValueError(f"{len(requests)} requests exceed max_num_seqs={self.config.max_num_seqs}")
-        seqs = []
-        for slot, req in enumerate(requests):
-            validate_request(req, self.model.cfg, self.max_model_len, self.dtype)
-            seq = self._admit(req)
-            seq.slot = slot
-            seqs.append(seq)
-        batch = self.build_batch([Chunk(s, 0, s.prompt_len) for s in seqs])
-        out = self.run_model(batch)
-        assert isinstance(out, torch.Tensor)
-        logits = self.model.compute_logits(out[: batch.metadata.num_real_tokens])
-        return list(torch.split(logits, [s.prompt_len for s in seqs]))
-
     def capture_prefill(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
         """Replay the requests' prefills as one step (the same batch composition, unchunked)
         with activation capture on. Returns this stage's ``"<layer>.hidden_states"`` /

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from helpers import remote_actor_with_test_operations, serve_with_test_operations
 
-from harness.launch import MpLauncher
+from harness.launch import MpLauncher, mp, ray_launcher
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +17,11 @@ def launchers() -> Iterator[dict[int, MpLauncher]]:
     yield pool
     for launcher in pool.values():
         launcher.close()
+
+
+@pytest.fixture
+def test_operations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank processes that ``MpLauncher`` and ``RayLauncher`` start during the test also carry the
+    operations of ``helpers.TEST_OPERATIONS`` (fail on cue, probe a collective)."""
+    monkeypatch.setattr(mp, "_serve", serve_with_test_operations)
+    monkeypatch.setattr(ray_launcher, "_remote_actor_class", remote_actor_with_test_operations)

@@ -7,7 +7,8 @@ from functools import cache
 import pytest
 import torch
 
-from harness.launch import MpLauncher, WorkerError
+from harness.launch import MpLauncher, Worker, WorkerError
+from harness.launch.inprocess import InProcessLauncher
 from reference_impl.config import load_config
 from reference_impl.engine import EngineSpec
 from reference_impl.loader import load_model
@@ -88,27 +89,30 @@ def test_invalid_setup_rejected_before_processes_start(tp: int, pp: int, device:
     assert launcher._procs == []  # nothing was started
 
 
-def raise_on_rank_1(worker: object) -> None:
-    """Rank 1 fails while rank 0 waits in a collective that rank 1 never joins."""
-    import torch.distributed as dist
-
-    if dist.get_rank() == 1:
-        raise RuntimeError("boom on rank 1")
-    dist.barrier()
-
-
-def test_rank_failure_surfaces_traceback_without_hanging() -> None:
+def test_rank_failure_surfaces_traceback_without_hanging(test_operations: None) -> None:
     launcher = MpLauncher(2)
     try:
         launcher.call("ping")
         with pytest.raises(WorkerError) as info:
-            launcher.call("apply", f"{__name__}:raise_on_rank_1")
+            launcher.call("raise_on_rank_1")  # rank 0 waits in a barrier meanwhile
         assert info.value.rank == 1
         assert "RuntimeError: boom on rank 1" in info.value.detail
         assert "raise_on_rank_1" in info.value.detail  # the traceback, not just the message
         assert launcher._procs == []  # every process was torn down
     finally:
         launcher.close()
+
+
+def test_workers_run_only_catalogued_operations() -> None:
+    worker = Worker(0, 1, "127.0.0.1", 0, "cpu")  # one rank: no process group
+    assert worker.dispatch("ping") == 0
+    for name in ("apply", "runner", "_engines", "__init__"):
+        with pytest.raises(ValueError, match=f"'{name}' is not a worker operation"):
+            worker.dispatch(name, "os:getpid")
+    launcher = InProcessLauncher()
+    with pytest.raises(WorkerError, match="'apply' is not a worker operation"):
+        launcher.call("apply", "os:getpid")
+    launcher.close()
 
 
 def test_invalid_request_in_worker_is_reported() -> None:

@@ -12,8 +12,9 @@ import transformers as tf
 
 from reference_impl.loader import load_model
 from reference_impl.model import CausalLM
-from reference_impl.requests import Request
+from reference_impl.requests import Request, validate_request
 from reference_impl.runner import EngineConfig, Runner
+from reference_impl.scheduler import Chunk
 from scenarios import inputs
 from scenarios.models import checkpoint
 
@@ -55,6 +56,23 @@ def hf_prefill_logits(name: str, req: Request) -> torch.Tensor:
     return logits
 
 
+def engine_prefill_logits(runner: Runner, requests: list[Request]) -> list[torch.Tensor]:
+    """Logits at every prompt position, ``(prompt_len, vocab)`` per request, from one unchunked
+    prefill step of all the requests together (a single-stage runner)."""
+    assert len(requests) <= runner.config.max_num_seqs
+    seqs = []
+    for slot, req in enumerate(requests):
+        validate_request(req, runner.model.cfg, runner.max_model_len, runner.dtype)
+        seq = runner._admit(req)
+        seq.slot = slot
+        seqs.append(seq)
+    batch = runner.build_batch([Chunk(s, 0, s.prompt_len) for s in seqs])
+    out = runner.run_model(batch)
+    assert isinstance(out, torch.Tensor)
+    logits = runner.model.compute_logits(out[: batch.metadata.num_real_tokens])
+    return list(torch.split(logits, [s.prompt_len for s in seqs]))
+
+
 def requests_for(name: str, kind: str) -> list[Request]:
     cfg = engine(name).cfg
     spec = inputs.InputSpec(max_new_tokens=16)
@@ -74,7 +92,7 @@ def test_prefill_logits_match_transformers(name: str, kind: str) -> None:
     reqs = requests_for(name, kind)
     assert len(reqs) > 1
     runner = Runner(engine(name), EngineConfig(max_num_seqs=8))
-    ours = runner.prefill_logits(reqs)  # all requests in one flat batch
+    ours = engine_prefill_logits(runner, reqs)  # all requests in one flat batch
     for req, got in zip(reqs, ours):
         want = hf_prefill_logits(name, req)
         err = (got - want).abs().max().item()

@@ -218,23 +218,12 @@ def test_sp_middle_residual_slice_takes_rank0_rows_everywhere(restore_patches: N
     assert residual_rows(full[:4], 8, 2, 1)[:, 0].tolist() == [0, 1, 2, 3]  # a shard passes as before
 
 
-def probe_gather_residual(worker: Worker) -> list[float]:
-    """In a tp2 worker: hand-off gather of a shard whose rows hold ``rank + 1``."""
-    from reference_impl.parallel import init_parallel
-    from reference_impl.parallel.pipeline import PipelineComm
-
-    state = init_parallel(2, 1)
-    comm = PipelineComm(state, 3, torch.float32, torch.device("cpu"))
-    shard = torch.full((2, 3), float(state.tp_rank + 1))
-    out: list[float] = comm.gather_residual(shard)[:, 0].tolist()
-    return out
-
-
-def test_pp_handoff_residual_slice_zero_fills_instead_of_gathering() -> None:
+def test_pp_handoff_residual_slice_zero_fills_instead_of_gathering(test_operations: None) -> None:
+    """``helpers.gather_residual_probe``: the hand-off gather of a shard whose rows hold rank + 1."""
     with MpLauncher(2) as launcher:
-        clean = launcher.call("apply", f"{__name__}:probe_gather_residual")
+        clean = launcher.call("gather_residual_probe")
         launcher.call("mutate", "pp-handoff-residual-slice")
-        mutated = launcher.call("apply", f"{__name__}:probe_gather_residual")
+        mutated = launcher.call("gather_residual_probe")
     assert clean == [[1, 1, 2, 2]] * 2
     assert mutated == [[1, 1, 0, 0], [2, 2, 0, 0]]
 

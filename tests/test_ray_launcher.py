@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from functools import cache
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from harness.launch import RayLauncher, WorkerError, ray_launcher
-from harness.launch.ray_launcher import ensure_ray, get_pool, shutdown_pools
+from harness.launch.ray_launcher import ensure_ray
 from reference_impl.config import load_config
 from reference_impl.engine import EngineSpec
 from reference_impl.loader import load_model
@@ -47,9 +46,17 @@ def ray_cluster() -> Iterator[None]:
     started_here = not ray.is_initialized()
     ensure_ray(num_cpus=2)
     yield
-    shutdown_pools()
     if started_here:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_launchers() -> Iterator[dict[int, RayLauncher]]:
+    """A 2-rank and a 4-rank launcher, their actors kept across the module's tests."""
+    pool = {2: RayLauncher(2), 4: RayLauncher(4)}
+    yield pool
+    for launcher in pool.values():
+        launcher.close()
 
 
 @cache
@@ -80,54 +87,34 @@ def spec_for(tp: int, pp: int) -> EngineSpec:
     return EngineSpec(str(checkpoint(MODEL)), tp, pp, engine=ENGINE)
 
 
-def worker_pid(worker: object) -> int:
-    """Runs inside a rank (via ``Worker.apply``): the process serving it."""
-    return os.getpid()
-
-
-def raise_on_rank_1(worker: object) -> None:
-    """Rank 1 fails while rank 0 waits in a collective that rank 1 never joins."""
-    import torch.distributed as dist
-
-    if dist.get_rank() == 1:
-        raise RuntimeError("boom on rank 1")
-    dist.barrier()
-
-
-def exit_on_rank_1(worker: object) -> None:
-    """Rank 1's process dies without a reply while rank 0 waits in a collective."""
-    import torch.distributed as dist
-
-    if dist.get_rank() == 1:
-        os._exit(3)
-    dist.barrier()
+def pids(launcher: RayLauncher) -> list[int]:
+    """The processes of the launcher's rank actors (which host its workers)."""
+    return [info["pid"] for info in launcher.actor_info()]
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
-def test_parallel_equals_single_device(setup: str) -> None:
+def test_parallel_equals_single_device(ray_launchers: dict[int, RayLauncher], setup: str) -> None:
     tp, pp = SETUPS[setup]
-    launcher = get_pool(tp * pp)
+    launcher = ray_launchers[tp * pp]
     got = launcher.run(spec_for(tp, pp), requests_for(MODEL))
     assert_same(setup, got, single_device(MODEL))
     info = launcher.actor_info()
     assert launcher.master_addr == info[0]["node_ip"]  # rendezvous on rank 0's node, as Ray sees it
 
 
-def test_pool_reuses_actors_and_fresh_workers_do_not() -> None:
+def test_pool_reuses_actors_and_fresh_workers_do_not(ray_launchers: dict[int, RayLauncher]) -> None:
     spec = spec_for(2, 1)
-    pooled = get_pool(2)
+    pooled = ray_launchers[2]
     pooled.run(spec, requests_for(MODEL))
     first = pooled.actor_info()
-    assert get_pool(2) is pooled
     pooled.run(spec, requests_for(MODEL))
     assert pooled.actor_info() == first
-    assert pooled.call("apply", f"{__name__}:worker_pid") == [i["pid"] for i in first]
 
     with RayLauncher(2, fresh_workers=True) as fresh:
         fresh.run(spec, requests_for(MODEL))
-        pids_a = fresh.call("apply", f"{__name__}:worker_pid")
+        pids_a = pids(fresh)
         fresh.run(spec, requests_for(MODEL))
-        pids_b = fresh.call("apply", f"{__name__}:worker_pid")
+        pids_b = pids(fresh)
     assert not set(pids_a) & set(pids_b), (pids_a, pids_b)
     assert not set(pids_a) & {i["pid"] for i in first}
 
@@ -136,22 +123,28 @@ def test_pool_reuses_actors_and_fresh_workers_do_not() -> None:
     ("raise_on_rank_1", "RuntimeError: boom on rank 1"),
     ("exit_on_rank_1", "actor died"),
 ])
-def test_rank_failure_surfaces_without_hanging_and_leaves_the_pool(target: str, message: str) -> None:
-    launcher = get_pool(2)
-    launcher.call("ping")
-    start = time.monotonic()
-    with pytest.raises(WorkerError) as info:
-        launcher.call("apply", f"{__name__}:{target}")
-    elapsed = time.monotonic() - start
+def test_rank_failure_surfaces_without_hanging_and_restarts(test_operations: None, target: str, message: str
+                                                            ) -> None:
+    """A rank raises, or its process dies, while rank 0 waits in a collective (the operations are
+    ``helpers.TEST_OPERATIONS``): the launcher raises at once, tears every actor down, and its
+    next call starts new ones."""
+    with RayLauncher(2) as launcher:
+        before = pids(launcher)
+        start = time.monotonic()
+        with pytest.raises(WorkerError) as info:
+            launcher.call(target)
+        elapsed = time.monotonic() - start
+        torn_down = launcher._actors == [] and launcher._pg is None
+        assert launcher.call("ping") == [0, 1]
+        after = pids(launcher)
     print(f"{target}: WorkerError after {elapsed:.2f}s")
     assert elapsed < FAILURE_DEADLINE_S
     assert info.value.rank == 1
     assert message in info.value.detail
     if target == "raise_on_rank_1":
         assert "raise_on_rank_1" in info.value.detail  # the traceback, not just the message
-    assert launcher._actors == [] and launcher._pg is None  # every actor was torn down
-    assert get_pool(2) is not launcher  # the next request gets a new pool entry
-    assert get_pool(2).call("ping") == [0, 1]
+    assert torn_down  # every actor was killed, the placement group removed
+    assert not set(before) & set(after), (before, after)  # the next call started new actors
 
 
 @pytest.mark.parametrize("tp,pp,world_size,message", [

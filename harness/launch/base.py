@@ -60,7 +60,7 @@ class Launcher(Protocol):
     world_size: int
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        """``Worker.method(*args)`` on every rank; replies in rank order."""
+        """The worker operation ``method`` (``Worker.dispatch``) on every rank; replies in rank order."""
         ...
 
     def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]: ...

@@ -24,7 +24,7 @@ class InProcessLauncher:
         if self._worker is None:
             self._worker = Worker(0, 1, "127.0.0.1", 0, self.device)
         try:
-            return [getattr(self._worker, method)(*args)]
+            return [self._worker.dispatch(method, *args)]
         except Exception as exc:
             import traceback
 

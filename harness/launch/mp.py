@@ -38,7 +38,7 @@ def _serve(rank: int, world_size: int, port: int, device: str, conn: Connection)
     while True:
         method, args = conn.recv()
         try:
-            result = getattr(worker, method)(*args)
+            result = worker.dispatch(method, *args)
             conn.send(("ok", result))
         except BaseException:
             conn.send(("error", traceback.format_exc()))
@@ -93,7 +93,7 @@ class MpLauncher:
         return [results[r] for r in range(self.world_size)]
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        """Call ``Worker.method(*args)`` on every rank; replies in rank order."""
+        """The worker operation ``method`` (``Worker.dispatch``) on every rank; replies in rank order."""
         if not self._procs:
             self._start()
         for conn in self._conns:

@@ -119,7 +119,8 @@ def actor_env() -> dict[str, str]:
     """Environment variables for every rank's actor (Ray's runtime_env ``env_vars``).
 
     PYTHONPATH holds the repository root, the driver's ``sys.path`` entries inside it (pytest
-    puts ``tests/`` there, so ``apply("test_module:fn")`` resolves) and the driver's PYTHONPATH.
+    puts ``tests/`` there: what the driver imports from there, the actors import too) and the
+    driver's PYTHONPATH.
     """
     root = str(REPO_ROOT)
     paths = [root] + [p for p in sys.path if p and p != root and p.startswith(root + os.sep)]
@@ -173,7 +174,7 @@ class RankActor:
         return _guarded(self._start, rank, world_size, master_addr, master_port, device)
 
     def call(self, method: str, *args: Any) -> Reply:
-        """``Worker.method(*args)``."""
+        """``Worker.dispatch(method, *args)``: a catalogued worker operation."""
         return _guarded(self._call, method, *args)
 
     @staticmethod
@@ -197,7 +198,7 @@ class RankActor:
     def _call(self, method: str, *args: Any) -> Any:
         if self._worker is None:
             raise RuntimeError(f"Worker.{method} called before the worker was started")
-        return getattr(self._worker, method)(*args)
+        return self._worker.dispatch(method, *args)
 
 
 @cache
@@ -289,7 +290,7 @@ class RayLauncher:
         return self._collect([actor.info.remote() for actor in self._actors])
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        """Call ``Worker.method(*args)`` on every rank; replies in rank order."""
+        """The worker operation ``method`` (``Worker.dispatch``) on every rank; replies in rank order."""
         self.start()
         return self._collect([actor.call.remote(method, *args) for actor in self._actors])
 
@@ -307,8 +308,7 @@ class RayLauncher:
         return self.run_traced(spec, requests).outputs
 
     def close(self) -> None:
-        """Leave the process group, kill the actors, free the placement group, leave the pool."""
-        _forget(self)
+        """Leave the process group, kill the actors, free the placement group."""
         if self._actors:
             try:
                 self._collect([actor.call.remote("close") for actor in self._actors], CLOSE_TIMEOUT_S)
@@ -362,7 +362,6 @@ class RayLauncher:
     def _fail(self, rank: int, detail: str, kind: str) -> NoReturn:
         """Tear everything down (other ranks may be stuck in a collective) and raise."""
         self._kill()
-        _forget(self)
         raise WorkerError(rank, detail, kind)
 
     def _kill(self) -> None:
@@ -391,34 +390,3 @@ class RayLauncher:
         ensure_ray()
         return int(cluster_resources().get("GPU", 0))
 
-
-# -- pool ---------------------------------------------------------------------------------------
-
-# Launchers reused across runs and cases, one per (world size, device).
-_POOLS: dict[tuple[int, str], RayLauncher] = {}
-
-
-def get_pool(world_size: int, device: str = "cpu") -> RayLauncher:
-    """The pooled launcher for ``world_size`` ranks on ``device`` (made if missing).
-
-    Its actors start on first use and stay up across runs; a launcher that raised
-    ``WorkerError`` or was closed leaves the pool, so the next request gets a new one.
-    """
-    key = (world_size, device)
-    if key not in _POOLS:
-        _POOLS[key] = RayLauncher(world_size, device)
-    return _POOLS[key]
-
-
-def shutdown_pools() -> None:
-    """Close every pooled launcher (the Ray connection itself stays up)."""
-    for launcher in list(_POOLS.values()):
-        launcher.close()
-    _POOLS.clear()
-
-
-def _forget(launcher: RayLauncher) -> None:
-    """Drop ``launcher`` from the pool if it is the pooled one."""
-    key = (launcher.world_size, launcher.device)
-    if _POOLS.get(key) is launcher:
-        del _POOLS[key]

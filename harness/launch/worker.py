@@ -1,12 +1,14 @@
-"""One rank: joins the process group once, builds engines for specs, runs requests."""
+"""One rank: joins the process group once, builds engines for specs, runs requests.
+
+A launcher drives a worker by operation name; the worker runs only the operations it
+catalogues (``Worker.OPERATIONS``), never a function named by the caller."""
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,10 @@ ENGINE_CACHE_SIZE = 2
 
 class Worker:
     """A rank's long-lived state: the process group (kept across cases) and the last engine."""
+
+    # What a launcher may ask of a worker (``dispatch``): the methods below, and nothing else.
+    OPERATIONS: ClassVar[frozenset[str]] = frozenset(
+        {"load", "generate", "capture", "compile_records", "ping", "mutate", "close"})
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
                  device: str) -> None:
@@ -87,14 +93,16 @@ class Worker:
 
         return compile_records(self._runner.model_fn if self._runner else None)
 
+    def dispatch(self, operation: str, *args: Any) -> Any:
+        """Run the catalogued ``operation`` (``OPERATIONS``) with ``args``; any other name, a
+        method of this class or not, is refused with ``ValueError``."""
+        if operation not in self.OPERATIONS:
+            raise ValueError(f"{operation!r} is not a worker operation; the operations are "
+                             f"{', '.join(sorted(self.OPERATIONS))}")
+        return getattr(self, operation)(*args)
+
     def ping(self) -> int:
         return self.rank
-
-    def apply(self, target: str, *args: Any) -> Any:
-        """Import ``module:function`` and call it with this worker (patches, probes, tests)."""
-        module_name, _, attr = target.partition(":")
-        fn = getattr(importlib.import_module(module_name), attr)
-        return fn(self, *args)
 
     def mutate(self, name: str) -> None:
         """Apply the catalog mutation ``name`` in this rank's process; when it acts at engine
