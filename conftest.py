@@ -1,12 +1,11 @@
-"""Repository conftest: environment defaults and the parity pytest plugin."""
+"""Repository conftest: environment defaults. (The parity pytest plugin is loaded through its
+``pytest11`` entry point, ``parity.pytest_plugin``.)"""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-
-pytest_plugins = ["harness.pytest_plugin"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from harness.case import CaseResult
-from harness.cli import main
 from harness.results import exit_code
+from parity.cli import main
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

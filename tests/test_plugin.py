@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(autouse=True)
+def own_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pytest runs here start their own Ray head, whatever this session has joined."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 CASE_TEST = """
 def test_case(parity_case, parity_run):
@@ -14,7 +22,7 @@ def test_case(parity_case, parity_run):
 
 def test_cases_are_parametrized_with_readable_ids(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_m=CASE_TEST)
-    result = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "--parity-backend", "mp",
+    result = pytester.runpytest_subprocess("--parity-backend", "mp",
                                 "--collect-only", "-q", "-k", "tp2-sp")
     result.stdout.fnmatch_lines([
         "test_m.py::test_case[[]tp2-sp-graph-full-text[]]",
@@ -39,7 +47,7 @@ def parity_orchestrator():
     return FakeOrchestrator()
 """)
     pytester.makepyfile(test_m=CASE_TEST)
-    result = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "--parity-backend", "mp",
+    result = pytester.runpytest_subprocess("--parity-backend", "mp",
                                 "-k", "tp2-sp-graph-full-text")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
@@ -50,7 +58,7 @@ def parity_orchestrator():
 
 def test_skips_carry_reasons(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_m=CASE_TEST)
-    result = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "--parity-backend", "mp",
+    result = pytester.runpytest_subprocess("--parity-backend", "mp",
                                 "--parity-model", "tiny-llama", "-k", "tp2-eager-multimodal", "-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*scenario multimodal needs images; LlamaForCausalLM takes none*"])
@@ -64,36 +72,67 @@ import pytest
 def test_needs_gpu():
     pass
 """)
-    result = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "--parity-backend", "mp", "-rs")
+    result = pytester.runpytest_subprocess("--parity-backend", "mp", "-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*needs a CUDA device; none available*"])
 
 
-def test_one_ray_cluster_shared_by_xdist_workers(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
-                                                  tmp_path: object) -> None:
-    from pathlib import Path
+def head_stopped(pid: int) -> bool:
+    from parity.ray_session import alive
 
-    out = Path(str(tmp_path)) / "addresses"
+    return not alive(pid)
+
+
+def test_ray_starts_only_for_the_tests_that_need_it(pytester: pytest.Pytester) -> None:
+    """A session whose tests need no Ray (``pytest tests/test_compare.py``) never imports it; a
+    test that uses a Ray launcher gets the session's cluster, which ends with the session."""
+    pytester.makepyfile(test_a="""
+import sys
+
+def test_plain():
+    assert "ray" not in sys.modules  # the plugin, and every test so far, left Ray alone
+""", test_b="""
+import os
+
+def test_launcher(ray_cluster, pytestconfig):
+    from harness.launch import RayLauncher
+    from parity.pytest_plugin import controller_pid
+    from parity.ray_session import session_dir
+
+    assert os.environ["RAY_ADDRESS"] == ray_cluster
+    with RayLauncher(1) as launcher:
+        assert launcher.call("ping") == [0]
+    folder = session_dir(controller_pid(pytestconfig))
+    (pytestconfig.rootpath / "head").write_text(str(folder) + " " + (folder / "pid").read_text())
+""")
+    pytester.runpytest_subprocess("test_a.py").assert_outcomes(passed=1)
+    pytester.runpytest_subprocess("test_a.py", "test_b.py").assert_outcomes(passed=2)
+    folder, pid = (pytester.path / "head").read_text().split()
+    assert head_stopped(int(pid)) and not Path(folder).exists()
+
+
+def test_one_ray_cluster_shared_by_xdist_workers(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    out = tmp_path / "addresses"
     out.mkdir()
-    monkeypatch.setenv("PARITY_TEST_ADDR_DIR", str(out))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    pytester.makepyfile(test_r="""
+    pytester.makepyfile(test_r=f"""
 import os, pytest
 
 @pytest.mark.parametrize("i", range(4))
-def test_address(i, worker_id):
+def test_address(i, worker_id, ray_cluster, pytestconfig):
     import ray
-    from harness.launch.ray_launcher import ensure_ray
-    ensure_ray()
-    path = os.path.join(os.environ["PARITY_TEST_ADDR_DIR"], f"{worker_id}-{i}")
-    with open(path, "w") as f:
-        f.write(os.environ["RAY_ADDRESS"] + " " + ray.get_runtime_context().gcs_address)
+    from parity.pytest_plugin import controller_pid
+    from parity.ray_session import session_dir
+
+    head = (session_dir(controller_pid(pytestconfig)) / "pid").read_text()
+    with open(os.path.join({str(out)!r}, f"{{worker_id}}-{{i}}"), "w") as f:
+        f.write(" ".join([ray_cluster, os.environ["RAY_ADDRESS"], ray.get_runtime_context().gcs_address, head]))
 """)
-    result = pytester.runpytest_subprocess("-p", "harness.pytest_plugin", "-n", "2")
+    result = pytester.runpytest_subprocess("-n", "2")
     result.assert_outcomes(passed=4)
     files = list(out.iterdir())
     assert {f.name.split("-")[0] for f in files} == {"gw0", "gw1"}
-    addresses = {tuple(f.read_text().split()) for f in files}
-    assert len(addresses) == 1, addresses  # every worker joined the same cluster
-    (env_address, gcs_address), = addresses
-    assert env_address == gcs_address
+    seen = {tuple(f.read_text().split()) for f in files}
+    assert len(seen) == 1, seen  # every worker joined the same cluster, started once
+    (fixture, env_address, gcs_address, head), = seen
+    assert fixture == env_address == gcs_address
+    assert head_stopped(int(head))  # the controller stopped it at the end

@@ -1,4 +1,4 @@
-"""RayLauncher on one local Ray cluster: parity with the single-device engine, pooling, failures."""
+"""RayLauncher on the session's Ray cluster: parity with the single-device engine, pooling, failures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from harness.launch import RayLauncher, WorkerError, ray_launcher
-from harness.launch.ray_launcher import ensure_ray
 from reference_impl.config import load_config
 from reference_impl.engine import EngineSpec
 from reference_impl.loader import load_model
@@ -33,21 +32,8 @@ ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=24)
 # A rank failure must surface well before the Worker's 120 s collective timeout would fire.
 FAILURE_DEADLINE_S = 60.0
 
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster() -> Iterator[None]:
-    """One Ray cluster for the whole module: a local head with 2 logical CPUs, or the session's.
-
-    When the connection already exists (the parity pytest plugin starts one cluster per session)
-    it is reused and left running; only a head started here is shut down here.
-    """
-    ray = pytest.importorskip("ray")
-
-    started_here = not ray.is_initialized()
-    ensure_ray(num_cpus=2)
-    yield
-    if started_here:
-        ray.shutdown()
+# Every test here runs on the session's Ray cluster (the parity plugin's fixture).
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture(scope="module")

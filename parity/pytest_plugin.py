@@ -1,15 +1,23 @@
-"""pytest plugin: parity's options, markers, one Ray cluster per test session, and matrix cases
-as parametrized tests.
+"""pytest plugin (the ``pytest11`` entry point ``parity``): parity's options and markers, a Ray
+cluster for the tests that need one, and matrix cases as parametrized tests.
 
 - ``--parity-backend ray|mp``, ``--parity-device cpu|cuda``, ``--parity-matrix NAME``,
   ``--parity-model NAME|PATH``, ``--parity-out DIR`` (write results.jsonl/summary/report there).
-- Markers: ``gpu``, ``multi_gpu``, ``slow``; ``gpu``/``multi_gpu`` tests skip with a reason when
-  the devices are missing.
-- The controlling process (the xdist master, or the only process) starts one local Ray head and
-  exports ``RAY_ADDRESS`` before any xdist worker starts, so every worker joins the same cluster.
+- Markers (declared here only): ``gpu``, ``multi_gpu``, ``slow``; ``gpu``/``multi_gpu`` tests
+  skip with a reason when the devices are missing.
+- ``ray_cluster`` (session fixture): the address of the Ray cluster the session's tests share,
+  connected and exported as ``RAY_ADDRESS`` (so launchers join it). ``RAY_ADDRESS`` set before
+  the session names a cluster to join; otherwise the first test to need Ray, in whichever xdist
+  worker, starts one loopback-only head for the whole session (``parity.ray_session``), and the
+  controlling process stops it at the end. A session none of whose tests needs Ray never
+  imports ``ray``.
 - A test that takes the ``parity_case`` fixture is parametrized over the matrix's cases with ids
   like ``tp2-sp-graph-full-text`` (so ``-k tp2-sp`` selects); a failing case's assertion message
   states the first divergence.
+
+Everything heavy (torch, ray, the harness) is imported inside the hooks and fixtures: the plugin
+is loaded at pytest's start-up, before any conftest has set the environment (e.g.
+``TRITON_INTERPRET``).
 """
 
 from __future__ import annotations
@@ -17,13 +25,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from harness.case import CaseResult
+if TYPE_CHECKING:
+    from harness.case import CaseResult
+    from harness.plan import RunOptions
 
-_STARTED_RAY = "_parity_started_ray"
+MARKERS = ("gpu: needs a CUDA device", "multi_gpu: needs several CUDA devices",
+           "slow: takes more than a few seconds")
+# The controlling process's pid, handed to xdist workers: it names the session's Ray head.
+_CONTROLLER = "parity_controller_pid"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -41,46 +54,61 @@ def _is_controller(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput")
 
 
+def controller_pid(config: pytest.Config) -> int:
+    """The pid of the session's controlling process (the xdist controller, or the only process)."""
+    if _is_controller(config):
+        return os.getpid()
+    workerinput: dict[str, Any] = config.workerinput  # type: ignore[attr-defined]  # set by xdist
+    return int(workerinput.get(_CONTROLLER, os.getppid()))
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    for line in ("gpu: needs a CUDA device", "multi_gpu: needs several CUDA devices",
-                 "slow: takes more than a few seconds"):
+    for line in MARKERS:
         config.addinivalue_line("markers", line)
-    if _is_controller(config) and config.getoption("--parity-backend") == "ray" and not os.environ.get(
-            "RAY_ADDRESS"):
-        _start_session_cluster(config)
 
 
-def _start_session_cluster(config: pytest.Config) -> None:
-    """One local, loopback-only Ray head for the whole session, shared by xdist workers."""
-    from harness.launch.ray_launcher import ensure_ray
-
-    ensure_ray()
-    import ray
-
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    setattr(config, _STARTED_RAY, True)
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """(pytest-xdist, in the controlling process) Each worker learns whose session it is in."""
+    node.workerinput[_CONTROLLER] = os.getpid()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if getattr(config, _STARTED_RAY, False):
-        import ray
+    if _is_controller(config):
+        from parity import ray_session
 
-        ray.shutdown()
-        os.environ.pop("RAY_ADDRESS", None)
+        ray_session.stop(os.getpid())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(pytestconfig: pytest.Config) -> str:
+    """The address of the session's Ray cluster, connected in this process and exported as
+    ``RAY_ADDRESS``: the one ``RAY_ADDRESS`` names, else the session's own loopback-only head."""
+    from harness.launch.ray_launcher import ensure_ray
+
+    if not os.environ.get("RAY_ADDRESS"):
+        from parity import ray_session
+
+        os.environ["RAY_ADDRESS"] = ray_session.address(controller_pid(pytestconfig))
+    ensure_ray()
+    return os.environ["RAY_ADDRESS"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs_gpus = [item for item in items if "gpu" in item.keywords or "multi_gpu" in item.keywords]
+    if not needs_gpus:
+        return
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for item in items:
+    for item in needs_gpus:
         if "multi_gpu" in item.keywords and count < 2:
             item.add_marker(pytest.mark.skip(reason=f"needs >= 2 CUDA devices; {count} available"))
         elif "gpu" in item.keywords and count < 1:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device; none available"))
 
 
-def _options(config: pytest.Config) -> Any:
+def _options(config: pytest.Config) -> RunOptions:
     from harness.matrix import get_matrix
     from harness.plan import RunOptions
 
@@ -102,11 +130,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def parity_orchestrator(pytestconfig: pytest.Config) -> Iterator[Any]:
-    """One orchestrator (and worker pool) per test process, closed at the end of the session."""
+def parity_orchestrator(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """One orchestrator (and worker pool) per test process, closed at the end of the session;
+    on the Ray backend its launchers join the session's ``ray_cluster``."""
     from harness.orchestrate import Orchestrator
 
-    orchestrator = Orchestrator(_options(pytestconfig))
+    options = _options(request.config)
+    if options.backend == "ray":
+        request.getfixturevalue("ray_cluster")
+    orchestrator = Orchestrator(options)
     yield orchestrator
     orchestrator.close()
 
