@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     from harness.plan import RunOptions, plan, shard
     from harness.progress import Progress
     from harness.results import ResultStore, environment, exit_code
-    from reports.html import render_all
+    from parity.outputs import write_outputs
 
     torch.set_num_threads(1)
     matrix = get_matrix(args.matrix)
@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
 
     run = run_settings(options, matrix.name, _csv(args.setups) or list(matrix.setups),
                        _csv(args.scenarios) or list(matrix.scenarios), sys.argv)
-    index = render_all(out, results, environment(), run=run)
+    index = write_outputs(out, results, environment(), run=run)
     code = exit_code(results)
     if code == EXIT_NOTHING_RAN:
         _explain_nothing_ran(results, planned, options)
@@ -202,7 +202,7 @@ def _report(args: argparse.Namespace) -> int:
     """Merge run directories (everything is read before anything is written, so ``--out`` may be
     one of them) into ``results.jsonl``, ``summary.json``, ``junit.xml`` and ``index.html``."""
     from harness.results import environment, exit_code, merge, write_results
-    from reports.html import render_all
+    from parity.outputs import write_outputs
 
     dirs = [Path(d) for d in args.dirs]
     for d in dirs:
@@ -213,7 +213,7 @@ def _report(args: argparse.Namespace) -> int:
         print(f"parity report: warning: {o.id} of {o.dir} overridden by {o.by}", file=sys.stderr)
     out = Path(args.out) if args.out else dirs[0]
     write_results(out, merged.results)
-    index = render_all(out, merged.results, environment(), run=merged.run(), merged=merged)
+    index = write_outputs(out, merged.results, environment(), run=merged.run(), merged=merged)
     print(f"report: {index.resolve()}", file=sys.stderr)
     return exit_code(merged.results)
 

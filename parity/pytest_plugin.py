@@ -173,6 +173,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     out = session.config.getoption("--parity-out")
     if out and _is_controller(session.config) and (Path(out) / "results.jsonl").is_file():
         from harness.results import ResultStore, environment
-        from reports.html import render_all
+        from parity.outputs import write_outputs
 
-        render_all(Path(out), ResultStore(Path(out)).load(), environment())
+        write_outputs(Path(out), ResultStore(Path(out)).load(), environment())

@@ -1,5 +1,5 @@
-"""parity's reports: the self-contained HTML report and the result files written with it."""
+"""parity's reports: the self-contained HTML report, rendered from the result files' plain records."""
 
-from reports.html import render_all, render_html, render_index
+from reports.html import render_html, render_index
 
-__all__ = ["render_all", "render_html", "render_index"]
+__all__ = ["render_html", "render_index"]

@@ -1,8 +1,10 @@
 """The self-contained HTML report of a run (``index.html``), rendered with jinja2 (autoescape on).
 
-Everything the template shows is prepared here as plain view objects (strings and numbers, which
-the template escapes); the only pre-built markup is the per-layer error chart, an inline SVG whose
-text is escaped while it is built.
+It renders plain data, the records of the result files: each case as its ``results.jsonl`` line
+(``summary.json``'s ``"cases"``), and the run's settings, environment and merged inputs as
+``summary.json`` holds them. Everything the template shows is prepared here as plain view objects
+(strings and numbers, which the template escapes); the only pre-built markup is the per-layer
+error chart, an inline SVG whose text is escaped while it is built.
 """
 
 from __future__ import annotations
@@ -17,9 +19,6 @@ from typing import Any
 
 import jinja2
 from markupsafe import Markup, escape
-
-from harness.case import STATUSES, CaseResult
-from harness.results import Merged, totals, write_junit, write_summary
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE = "index.html.j2"
@@ -37,6 +36,15 @@ INPUT_COLUMNS = (
 )
 # Detail sections, most severe first (skips are listed in their own table).
 DETAIL_ORDER = ("fail", "error", "pass")
+# A case record's statuses (the result files' contract, docs/harness.md), in the header's order.
+STATUSES = ("pass", "fail", "error", "skip")
+# A case record's optional keys with the value a missing one stands for.
+RECORD_DEFAULTS: dict[str, Any] = {"reason": "", "first_divergence": None, "localization": None,
+                                   "sp_matches": None, "metrics": {}, "seconds": 0.0}
+
+# One case as the result files hold it: id, setup, baseline, scenario, model, status and the
+# optional keys of ``RECORD_DEFAULTS``.
+Record = dict[str, Any]
 
 
 # --- view objects ------------------------------------------------------------------------------
@@ -75,7 +83,7 @@ class DivergenceView:
 class CaseView:
     """One case as the report shows it."""
 
-    result: CaseResult
+    result: Record
     anchor: str
     seconds: str
     metrics: list[tuple[str, str]]
@@ -87,10 +95,11 @@ class CaseView:
     @property
     def headline(self) -> str:
         """One line for tooltips: a traceback's last line (the exception), else the reason's first."""
-        lines = [ln.strip() for ln in self.result.reason.splitlines() if ln.strip()]
+        reason: str = self.result["reason"]
+        lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
         if not lines:
-            return self.result.status
-        return lines[-1] if self.result.status == "error" else lines[0]
+            return str(self.result["status"])
+        return lines[-1] if self.result["status"] == "error" else lines[0]
 
 
 @dataclass(frozen=True)
@@ -168,12 +177,12 @@ def _kv_rows(data: dict[str, Any], skip: Sequence[str] = ()) -> list[tuple[str, 
     return [(str(k), fmt(v)) for k, v in data.items() if k not in skip]
 
 
-def _anchors(results: Sequence[CaseResult]) -> list[str]:
+def _anchors(records: Sequence[Record]) -> list[str]:
     """Unique HTML ids derived from the case ids."""
     seen: dict[str, int] = {}
     anchors = []
-    for r in results:
-        base = "case-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", r.id)
+    for r in records:
+        base = "case-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", r["id"])
         n = seen.get(base, 0)
         seen[base] = n + 1
         anchors.append(base if n == 0 else f"{base}-{n}")
@@ -290,13 +299,14 @@ def _chart(localization: dict[str, Any] | None) -> Markup | None:
 # --- building the view -------------------------------------------------------------------------
 
 
-def case_view(result: CaseResult, anchor: str) -> CaseView:
-    loc = result.localization or {}
+def case_view(record: Record, anchor: str) -> CaseView:
+    r = {**RECORD_DEFAULTS, **record}
+    loc = r["localization"] or {}
     return CaseView(
-        result=result, anchor=anchor, seconds=f"{result.seconds:.2f}", metrics=_kv_rows(result.metrics),
-        divergence=divergence_view(result.first_divergence) if result.first_divergence else None,
-        localization=_kv_rows(loc, skip=("per_layer_error",)) if result.localization else [],
-        chart=_chart(result.localization), sp=sp_rows(result.sp_matches),
+        result=r, anchor=anchor, seconds=f"{r['seconds']:.2f}", metrics=_kv_rows(r["metrics"]),
+        divergence=divergence_view(r["first_divergence"]) if r["first_divergence"] else None,
+        localization=_kv_rows(loc, skip=("per_layer_error",)) if r["localization"] else [],
+        chart=_chart(r["localization"]), sp=sp_rows(r["sp_matches"]),
     )
 
 
@@ -322,14 +332,14 @@ def _unique(items: Sequence[str]) -> list[str]:
 def grids(cases: Sequence[CaseView]) -> list[Grid]:
     """One grid per model (in order of appearance): setups x scenarios."""
     out = []
-    for model in _unique([c.result.model for c in cases]):
-        mine = [c for c in cases if c.result.model == model]
-        scenarios = _unique([c.result.scenario for c in mine])
+    for model in _unique([c.result["model"] for c in cases]):
+        mine = [c for c in cases if c.result["model"] == model]
+        scenarios = _unique([c.result["scenario"] for c in mine])
         rows = []
-        for setup in _unique([c.result.setup for c in mine]):
-            row = [c for c in mine if c.result.setup == setup]
-            cells = [[c for c in row if c.result.scenario == s] for s in scenarios]
-            rows.append(GridRow(setup, ", ".join(_unique([c.result.baseline for c in row])), cells))
+        for setup in _unique([c.result["setup"] for c in mine]):
+            row = [c for c in mine if c.result["setup"] == setup]
+            cells = [[c for c in row if c.result["scenario"] == s] for s in scenarios]
+            rows.append(GridRow(setup, ", ".join(_unique([c.result["baseline"] for c in row])), cells))
         out.append(Grid(model, scenarios, rows))
     return out
 
@@ -344,9 +354,9 @@ def _environment_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _timings(cases: Sequence[CaseView]) -> list[TimingRow]:
-    longest = max((c.result.seconds for c in cases), default=0.0) or 1.0
-    ordered = sorted(cases, key=lambda c: c.result.seconds, reverse=True)
-    return [TimingRow(c, 100.0 * max(c.result.seconds, 0.0) / longest) for c in ordered]
+    longest = max((c.result["seconds"] for c in cases), default=0.0) or 1.0
+    ordered = sorted(cases, key=lambda c: c.result["seconds"], reverse=True)
+    return [TimingRow(c, 100.0 * max(c.result["seconds"], 0.0) / longest) for c in ordered]
 
 
 def _setting(value: Any) -> str:
@@ -368,26 +378,30 @@ def _input_rows(inputs: Sequence[dict[str, Any]]) -> list[InputRow]:
     return rows
 
 
-def _mutations(run: dict[str, Any] | None, merged: Merged | None) -> str:
+def _mutations(run: dict[str, Any] | None, inputs: Sequence[dict[str, Any]]) -> str:
     """The mutations injected into the run, or into any merged input (comma-separated; "" if none)."""
-    runs = [run or {}] + [i.get("run") or {} for i in (merged.inputs if merged else [])]
+    runs = [run or {}] + [i.get("run") or {} for i in inputs]
     return ", ".join(_unique([str(r["mutation"]) for r in runs if isinstance(r, dict) and r.get("mutation")]))
 
 
-def report_view(results: Sequence[CaseResult], environment: dict[str, Any], title: str,
-                run: dict[str, Any] | None = None, merged: Merged | None = None) -> ReportView:
-    """The view of ``results``; ``run``: the run's settings; ``merged``: a merge's inputs and overrides."""
-    cases = [case_view(r, a) for r, a in zip(results, _anchors(results))]
-    mutation = _mutations(run, merged)
+def report_view(records: Sequence[Record], environment: dict[str, Any], title: str,
+                run: dict[str, Any] | None = None, merged: dict[str, Any] | None = None) -> ReportView:
+    """The view of the case ``records``; ``run``: the run's settings; ``merged``: a merge's
+    ``{"inputs": [{"dir", "run", "environment"}], "overridden": [{"id", "dir", "by"}]}``
+    (``summary.json``'s keys)."""
+    cases = [case_view(r, a) for r, a in zip(records, _anchors(records))]
+    inputs: list[dict[str, Any]] = (merged or {}).get("inputs") or []
+    overridden: list[dict[str, Any]] = (merged or {}).get("overridden") or []
+    mutation = _mutations(run, inputs)
     return ReportView(
         title=f"{title} — MUTATION RUN: {mutation}" if mutation else title,
-        totals=totals(results), total_seconds=f"{sum(r.seconds for r in results):.1f}",
+        totals={s: sum(c.result["status"] == s for c in cases) for s in STATUSES},
+        total_seconds=f"{sum(c.result['seconds'] for c in cases):.1f}",
         environment=_environment_rows(environment), grids=grids(cases),
-        details=[(s, [c for c in cases if c.result.status == s]) for s in DETAIL_ORDER],
-        skipped=[c for c in cases if c.result.status == "skip"], timings=_timings(cases),
-        run=_run_rows(run or {}), mutation=mutation,
-        inputs=_input_rows(merged.inputs) if merged else [],
-        overridden=[(o.id, o.dir, o.by) for o in merged.overridden] if merged else [],
+        details=[(s, [c for c in cases if c.result["status"] == s]) for s in DETAIL_ORDER],
+        skipped=[c for c in cases if c.result["status"] == "skip"], timings=_timings(cases),
+        run=_run_rows(run or {}), mutation=mutation, inputs=_input_rows(inputs),
+        overridden=[(str(o.get("id")), str(o.get("dir")), str(o.get("by"))) for o in overridden],
     )
 
 
@@ -402,33 +416,24 @@ def _jinja() -> jinja2.Environment:
 
 
 def render_html(
-    results: Sequence[CaseResult], environment: dict[str, Any], title: str = "parity report",
-    run: dict[str, Any] | None = None, merged: Merged | None = None,
+    records: Sequence[Record], environment: dict[str, Any], title: str = "parity report",
+    run: dict[str, Any] | None = None, merged: dict[str, Any] | None = None,
 ) -> str:
     """The report as a string (``run``: the settings for the header; ``merged``: a merge's inputs)."""
-    view = report_view(results, environment, title, run, merged)
+    view = report_view(records, environment, title, run, merged)
     return _jinja().get_template(TEMPLATE).render(
         view=view, statuses=STATUSES, input_columns=[heading for heading, _, _ in INPUT_COLUMNS])
 
 
 def render_index(
-    out_dir: Path, results: list[CaseResult], environment: dict[str, Any], title: str = "parity report",
-    run: dict[str, Any] | None = None, merged: Merged | None = None,
+    out_dir: Path, records: Sequence[Record], environment: dict[str, Any], title: str = "parity report",
+    run: dict[str, Any] | None = None, merged: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the self-contained ``out_dir/index.html`` and return its path."""
+    """Write the self-contained ``out_dir/index.html`` of the case ``records`` and return its path.
+    ``run``: the run's settings; ``merged``: a merge's inputs and overridden records (both as
+    ``summary.json`` has them)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / INDEX_FILE
-    path.write_text(render_html(results, environment, title, run, merged), encoding="utf-8")
+    path.write_text(render_html(records, environment, title, run, merged), encoding="utf-8")
     return path
-
-
-def render_all(
-    out_dir: Path, results: list[CaseResult], environment: dict[str, Any], title: str = "parity report",
-    run: dict[str, Any] | None = None, merged: Merged | None = None,
-) -> Path:
-    """Write ``summary.json``, ``junit.xml`` and ``index.html`` into ``out_dir``; return the index path.
-    ``run``: the run's settings (``harness.run_meta``); ``merged``: the inputs of a ``parity report``."""
-    write_summary(out_dir, results, environment, run, merged)
-    write_junit(out_dir, results)
-    return render_index(out_dir, results, environment, title, run, merged)

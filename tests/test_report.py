@@ -1,4 +1,5 @@
-"""The HTML report: self-contained, escaped, complete (ids, grid, divergence, top-k, SVG, skips, timings)."""
+"""The HTML report: self-contained, escaped, complete (ids, grid, divergence, top-k, SVG, skips, timings),
+rendered from the result files' plain records."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 
 from harness.case import CaseResult
 from harness.results import Merged, Override
-from reports import render_all, render_index
+from parity.outputs import write_outputs
+from reports import render_index
 from reports.html import per_layer_chart
 
 ENV = {"git_sha": "0123456789abcdef0123456789abcdef01234567", "python": "3.11.7", "torch": "2.13.0",
@@ -35,7 +37,21 @@ def make(status: str, scenario: str, setup: str = "tp2-sp-graph-full", model: st
     return CaseResult(f"{model}/{setup}-{scenario}", setup, "tp2-graph-full", scenario, model, status, **fields)
 
 
-def sample() -> list[CaseResult]:
+def records(results: list[CaseResult]) -> list[dict[str, Any]]:
+    """The results as the result files hold them (what the report renders)."""
+    return [r.to_json() for r in results]
+
+
+def merged_keys(merged: Merged) -> dict[str, Any]:
+    """A merge's inputs and overridden records as summary.json holds them."""
+    return {"inputs": merged.inputs, "overridden": [vars(o) for o in merged.overridden]}
+
+
+def sample() -> list[dict[str, Any]]:
+    return records(sample_results())
+
+
+def sample_results() -> list[CaseResult]:
     return [
         make("fail", "text", reason="token mismatch", first_divergence=DIVERGENCE, localization=LOCALIZATION,
              metrics={"max_abs_logprob_diff": 2.25}, seconds=4.5),
@@ -96,7 +112,7 @@ def test_writes_index_html(tmp_path: Path) -> None:
 
 def test_contains_every_case_id(html: str) -> None:
     for r in sample():
-        assert r.id in html
+        assert r["id"] in html
 
 
 def test_is_self_contained(html: str) -> None:
@@ -165,7 +181,7 @@ def test_localization_table_and_svg(html: str) -> None:
 
 def test_no_svg_without_per_layer_error(tmp_path: Path) -> None:
     r = make("fail", "text", first_divergence=DIVERGENCE, localization={"layer": 1, "tensor": "attn.o_proj"})
-    text = render_index(tmp_path, [r], ENV).read_text(encoding="utf-8")
+    text = render_index(tmp_path, records([r]), ENV).read_text(encoding="utf-8")
     assert "<svg" not in text and "attn.o_proj" in text
 
 
@@ -185,7 +201,7 @@ def test_escapes_markup_in_reason_and_model(tmp_path: Path) -> None:
              first_divergence={**DIVERGENCE, "candidate_token": "<script>x</script>"}),
         make("skip", "text", setup="tp2-eager", reason="<img onerror=alert(2)>"),
     ]
-    text = render_index(tmp_path, evil, {**ENV, "hostname": "<b>host</b>"}).read_text(encoding="utf-8")
+    text = render_index(tmp_path, records(evil), {**ENV, "hostname": "<b>host</b>"}).read_text(encoding="utf-8")
     assert "<script>" not in text and "</script>" not in text.replace("</script>\n</body>", "")
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "&lt;script&gt;alert(&#34;m&#34;)&lt;/script&gt;" in text
@@ -212,10 +228,10 @@ def test_empty_run_renders(tmp_path: Path) -> None:
     assert "No cases." in text
 
 
-def test_render_all_writes_summary_junit_and_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_outputs_writes_summary_junit_and_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the template is found relative to reports/html.py, not the cwd
     out = tmp_path / "run"
-    index = render_all(out, sample(), ENV)
+    index = write_outputs(out, sample_results(), ENV)
     assert index == out / "index.html"
     assert sorted(p.name for p in out.iterdir()) == ["index.html", "junit.xml", "summary.json"]
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
@@ -264,12 +280,12 @@ def test_mutation_banner_only_for_a_mutation_run(tmp_path: Path) -> None:
 
 
 def test_merged_report_lists_inputs_and_overrides(tmp_path: Path) -> None:
-    merged = Merged(sample(), inputs=[
+    merged = Merged(sample_results(), inputs=[
         {"dir": "shard0", "run": {**RUN, "mutation": "all-gather-reversed-order"},
          "environment": {"hostname": "node-a", "git_sha": "aaa"}},
         {"dir": "shard1", "run": None, "environment": {"hostname": "node-b"}},
     ], overridden=[Override("tiny-llama/tp2-sp-graph-full-text", "shard0", "shard1")], dirs=2)
-    text = render_index(tmp_path, sample(), ENV, run=merged.run(), merged=merged).read_text(encoding="utf-8")
+    text = render_index(tmp_path, sample(), ENV, run=merged.run(), merged=merged_keys(merged)).read_text(encoding="utf-8")
     doc = parse(text)
     [(_, inputs)] = doc.find("table", "inputs")
     assert "shard0" in inputs and "node-a" in inputs and "aaa" in inputs and "shard1" in inputs and "node-b" in inputs
@@ -282,10 +298,12 @@ def test_merged_report_lists_inputs_and_overrides(tmp_path: Path) -> None:
     assert plain.find("table", "inputs") == [] and plain.find("div", "overrides") == []
 
 
-def test_render_all_writes_run_and_inputs_to_summary(tmp_path: Path) -> None:
-    merged = Merged(sample(), inputs=[{"dir": "a", "run": RUN, "environment": ENV}], dirs=1)
-    render_all(tmp_path, sample(), ENV, run=merged.run(), merged=merged)
+def test_write_outputs_writes_run_and_inputs_to_summary_and_report(tmp_path: Path) -> None:
+    merged = Merged(sample_results(), inputs=[{"dir": "a", "run": RUN, "environment": ENV}], dirs=1)
+    write_outputs(tmp_path, sample_results(), ENV, run=merged.run(), merged=merged)
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert list(summary) == ["run", "inputs", "overridden", "cases", "totals", "environment"]
     assert summary["run"] == {**RUN, "merged_from": 1}
     assert summary["inputs"] == [{"dir": "a", "run": RUN, "environment": ENV}]
+    [(_, inputs)] = parse((tmp_path / "index.html").read_text(encoding="utf-8")).find("table", "inputs")
+    assert "smoke" in inputs and "0123456789abcdef0123456789abcdef01234567" in inputs
