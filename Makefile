@@ -24,9 +24,11 @@ venv: $(BIN)/parity
 run: venv
 	$(BIN)/parity run --matrix smoke --out parity-out
 
+# The layers (pyproject.toml [tool.importlinter]): nothing imports upward.
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict harness reference_impl scenarios
+	$(BIN)/lint-imports
+	$(BIN)/mypy --strict harness parity reference_impl scenarios
 
 # pytest's exit 5 ("no tests collected") is not a failure.
 test: lint
