@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from helpers import remote_actor_with_test_operations, serve_with_test_operations
 
 from harness.launch import MpLauncher, mp, ray_launcher
+
+from helpers import remote_actor_with_test_operations, serve_with_test_operations
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,91 @@
-"""What several test files share: operations that only the tests' own rank processes carry."""
+"""What several test files share: requests and engine outputs, their comparison under the
+harness's own tolerances, and operations that only the tests' own rank processes carry."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
 import torch
 
+from harness.compare import tolerance_for
 from harness.launch import mp as mp_launcher
 from harness.launch.ray_launcher import RankActor
+from harness.setup import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
+from reference_impl.loader import load_model
+from reference_impl.requests import Request, RequestOutput
+from reference_impl.runner import EngineConfig, Runner
+from scenarios.models import checkpoint
+from scenarios.registry import get_scenario
+
+# -- tolerances ---------------------------------------------------------------------------------
+# The harness's own fp32 logprob tolerances (harness/compare.py, with their measured margins): a
+# sharded or pipelined engine against one device differs in reduction order only (measured
+# 3.3e-5; the tolerance sits 30x below the tiny models' smallest top-1/top-2 gap), and SP against
+# SP off is bit-identical when clean (the ``identical`` policy's noise floor).
+TP_ATOL = tolerance_for("float32").logprob_atol
+SP_ATOL = tolerance_for("float32").identical_atol
+
+# -- requests and engine outputs -------------------------------------------------------------
+# The engine config of every harness setup: the 24-token step budget chunks the scenarios'
+# 70-token prompt, so steps mix prefill with decode.
+ENGINE = EngineConfig(MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS)
+
+
+@cache
+def scenario_requests(scenario: str, model: str = "tiny-llava", max_new_tokens: int = 16) -> list[Request]:
+    """A registered scenario's fp32 requests for a built-in model, as the harness builds them."""
+    return get_scenario(scenario).requests(checkpoint(model), "float32", max_new_tokens=max_new_tokens)
+
+
+def requests(model: str, *scenarios: str) -> list[Request]:
+    """The named scenarios' requests for ``model``, in one batch (e.g. ``"text", "prompt_embeds"``:
+    ids of lengths 1, 7, 13 and 70, and prompt-embeds)."""
+    return [r for s in scenarios for r in scenario_requests(s, model)]
+
+
+@cache
+def single_device(model: str, *scenarios: str) -> list[RequestOutput]:
+    """The one-device eager engine's outputs for ``requests(model, *scenarios)`` (``ENGINE``)."""
+    return Runner(load_model(checkpoint(model)), ENGINE).generate(requests(model, *scenarios))
+
+
+# -- comparison ---------------------------------------------------------------------------------
+
+def differences(got: Sequence[RequestOutput], want: Sequence[RequestOutput], atol: float = TP_ATOL
+                ) -> dict[str, str]:
+    """Request id -> how ``got`` differs from ``want``: its tokens, from the first step that differs
+    (no flip is tolerated), or a chosen-token logprob beyond ``atol``. Requests missing, added or
+    reordered on either side are a difference too (key ``"request ids"``). Empty: they agree."""
+    got_ids, want_ids = [o.request_id for o in got], [o.request_id for o in want]
+    if got_ids != want_ids:
+        return {"request ids": f"{got_ids} != {want_ids}"}
+    out = {}
+    for g, w in zip(got, want, strict=True):
+        if g.token_ids != w.token_ids:
+            pairs = zip(g.token_ids, w.token_ids)
+            step = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(g.token_ids), len(w.token_ids)))
+            out[g.request_id] = f"tokens differ from step {step}"
+        elif (diff := max_logprob_diff([g], [w])) > atol:
+            out[g.request_id] = f"logprob diff {diff:.2e}"
+    return out
+
+
+def max_logprob_diff(got: Sequence[RequestOutput], want: Sequence[RequestOutput]) -> float:
+    """The largest chosen-token |logprob difference| of outputs with the same tokens."""
+    return max((abs(a - b) for g, w in zip(got, want, strict=True)
+                for a, b in zip(g.logprobs, w.logprobs, strict=True)), default=0.0)
+
+
+def assert_same(label: str, got: Sequence[RequestOutput], want: Sequence[RequestOutput],
+                atol: float = TP_ATOL) -> None:
+    """``got`` agrees with ``want`` (``differences``); prints the largest logprob difference
+    (``pytest -rP`` shows it: the measured margin under ``atol``)."""
+    problems = differences(got, want, atol)
+    assert not problems, f"{label}: {problems}"
+    print(f"{label}: max |logprob diff| {max_logprob_diff(got, want):.2e}")
 
 # -- test operations: Worker methods that only the rank processes of a test's launchers have -----
 #

@@ -3,7 +3,6 @@ same setup with SP off, the SP token threshold under PP, and proof that these te
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
 import pytest
@@ -13,24 +12,20 @@ from reference_impl.compile import CompileConfig
 from reference_impl.config import load_config
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
-from reference_impl.runner import EngineConfig
 from scenarios.models import checkpoint
-from scenarios.registry import get_scenario
 
-# SP vs SP-off, fp32: SP computes each norm on the same rows with the same kernel and replaces
-# an all-reduce by reduce-scatter + all-gather of the same sums; on gloo/CPU the outputs were
-# bit-identical (measured max diff 0.0). 1e-4 allows another backend's reduction order while
-# staying far below the ~0.03 top-1 gap, so a wrong residual row cannot pass.
-SP_LOGPROB_ATOL = 1e-4
-ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=24)
+from helpers import ENGINE, SP_ATOL, differences, scenario_requests
+
+# SP vs SP off compares under the harness's ``identical`` noise floor (SP_ATOL): SP computes
+# each norm on the same rows with the same kernel and replaces an all-reduce by reduce-scatter +
+# all-gather of the same sums; on gloo/CPU the outputs are bit-identical (measured max diff 0.0).
 SCENARIOS = ("text", "prompt_embeds", "multimodal", "mixed")
 AR, RS, AG = (f"_c10d_functional.{op}.default" for op in ("all_reduce", "reduce_scatter_tensor",
                                                           "all_gather_into_tensor"))
 
 
-@cache
 def scenario(name: str, model: str = "tiny-llava") -> list[Request]:
-    return get_scenario(name).requests(checkpoint(model), "float32", max_new_tokens=8)
+    return scenario_requests(name, model, max_new_tokens=8)
 
 
 def spec(model: str, tp: int, pp: int, sp: bool, mode: str = "graph", partition: str = "full",
@@ -39,18 +34,9 @@ def spec(model: str, tp: int, pp: int, sp: bool, mode: str = "graph", partition:
                       compile=CompileConfig(mode, partition, sp=sp, sp_min_tokens=sp_min_tokens))
 
 
-def differences(got: list[RequestOutput], want: list[RequestOutput]) -> list[str]:
-    """Human-readable differences beyond the tolerance; empty when the runs agree."""
-    problems = []
-    for g, w in zip(got, want):
-        if g.token_ids != w.token_ids:
-            step = next(i for i, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b)
-            problems.append(f"{g.request_id}: tokens differ from step {step}")
-            continue
-        diff = max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs))
-        if diff > SP_LOGPROB_ATOL:
-            problems.append(f"{g.request_id}: logprob diff {diff:.2e}")
-    return problems
+def sp_differences(got: list[RequestOutput], want: list[RequestOutput]) -> dict[str, str]:
+    """How an SP run differs from the same setup with SP off (``helpers.differences``)."""
+    return differences(got, want, SP_ATOL)
 
 
 def records(launcher: MpLauncher) -> list[dict[str, Any]]:
@@ -122,7 +108,7 @@ def test_sp_equals_sp_off(launchers: dict[int, MpLauncher], tp: int, pp: int, pa
     failures = {}
     for s in SCENARIOS:
         got = launcher.run(spec("tiny-llava", tp, pp, sp=True, partition=partition), scenario(s))
-        if problems := differences(got, baseline[s]):
+        if problems := sp_differences(got, baseline[s]):
             failures[s] = problems
     assert not failures, failures
 
@@ -131,7 +117,7 @@ def test_sp_equals_sp_off_inductor(launchers: dict[int, MpLauncher]) -> None:
     launcher = launchers[2]
     want = launcher.run(spec("tiny-llava", 2, 1, sp=False, mode="inductor"), scenario("mixed"))
     got = launcher.run(spec("tiny-llava", 2, 1, sp=True, mode="inductor"), scenario("mixed"))
-    assert not differences(got, want)
+    assert not sp_differences(got, want)
     assert any(r["changes"].get("sequence_parallelism", 0) > 0 for r in records(launcher))
 
 
@@ -141,7 +127,7 @@ def test_sp_threshold_under_pp(launchers: dict[int, MpLauncher]) -> None:
     reqs = scenario("text", "tiny-llama")
     want = launcher.run(spec("tiny-llama", 2, 2, sp=False), reqs)
     got = launcher.run(spec("tiny-llama", 2, 2, sp=True, sp_min_tokens=16), reqs)
-    assert not differences(got, want)
+    assert not sp_differences(got, want)
     sp_sizes = {r["num_tokens"] for r in records(launcher) if r["changes"].get("sequence_parallelism", 0)}
     plain_sizes = {r["num_tokens"] for r in records(launcher) if not r["changes"].get("sequence_parallelism", 0)}
     assert sp_sizes and min(sp_sizes) >= 16, sp_sizes
@@ -154,7 +140,7 @@ def test_middle_slice_bug_caught_by_embeds_and_multimodal_only() -> None:
     with MpLauncher(2) as launcher:
         baseline = {s: launcher.run(spec("tiny-llava", 2, 1, sp=False), scenario(s)) for s in SCENARIOS}
         launcher.call("mutate", "sp-middle-residual-slice")  # vLLM #33322, harness.mutations
-        caught = {s: bool(differences(launcher.run(spec("tiny-llava", 2, 1, sp=True), scenario(s)), baseline[s]))
+        caught = {s: bool(sp_differences(launcher.run(spec("tiny-llava", 2, 1, sp=True), scenario(s)), baseline[s]))
                   for s in SCENARIOS}
     assert caught == {"text": False, "prompt_embeds": True, "multimodal": True, "mixed": True}, caught
 
@@ -164,5 +150,5 @@ def test_pp_handoff_slice_bug_caught_by_pp_sp() -> None:
         reqs = scenario("text")
         want = launcher.run(spec("tiny-llava", 2, 2, sp=False), reqs)
         launcher.call("mutate", "pp-handoff-residual-slice")
-        assert not differences(launcher.run(spec("tiny-llava", 2, 2, sp=False), reqs), want)  # no SP: unaffected
-        assert differences(launcher.run(spec("tiny-llava", 2, 2, sp=True), reqs), want)
+        assert not sp_differences(launcher.run(spec("tiny-llava", 2, 2, sp=False), reqs), want)  # no SP: unaffected
+        assert sp_differences(launcher.run(spec("tiny-llava", 2, 2, sp=True), reqs), want)

@@ -2,59 +2,23 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 import pytest
-import torch
 
 from harness.launch import MpLauncher, Worker, WorkerError
 from harness.launch.inprocess import InProcessLauncher
-from reference_impl.config import load_config
 from reference_impl.engine import EngineSpec
-from reference_impl.loader import load_model
-from reference_impl.requests import Request, RequestOutput
-from reference_impl.runner import EngineConfig, Runner
-from scenarios import inputs
+from reference_impl.requests import Request
 from scenarios.models import checkpoint
 
-# fp32 chosen-token logprobs, sharded vs single-device: TP changes the summation order of the
-# row-parallel matmuls (partial sums all-reduced) and nothing else; PP changes nothing (0.0).
-# Measured max 3.3e-5 over all cases here (`pytest tests/test_distributed.py -k equals -rP`);
-# 2e-4 leaves 6x headroom and sits ~150x below the tiny models' smallest top-1/top-2 gap
-# (~0.03), so a wrong shard, which moves logprobs by far more, cannot pass.
-TP_LOGPROB_ATOL = 2e-4
+from helpers import ENGINE, assert_same, requests, single_device
 
 SETUPS = {"tp2": (2, 1), "pp2": (1, 2), "tp2-pp2": (2, 2), "tp4": (4, 1)}
 MODELS = ("tiny-llama", "tiny-qwen2", "tiny-llava")
-# A small step budget so the 70-token prompt is chunked and steps mix prefill with decode.
-ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=24)
 
 
-@cache
-def requests_for(name: str) -> list[Request]:
+def scenarios_of(name: str) -> tuple[str, ...]:
     """Ids (lengths 1, 7, 13, 70), prompt-embeds and, for LLaVA, images: one batch."""
-    ckpt = checkpoint(name)
-    cfg = load_config(ckpt)
-    spec = inputs.InputSpec(max_new_tokens=16)
-    reqs = inputs.text(cfg, spec) + inputs.prompt_embeds(cfg, inputs.embedding_table(ckpt), spec, torch.float32)
-    if cfg.multimodal is not None:
-        reqs += inputs.multimodal(cfg, spec)
-    return reqs
-
-
-@cache
-def single_device(name: str) -> list[RequestOutput]:
-    return Runner(load_model(checkpoint(name)), ENGINE).generate(requests_for(name))
-
-
-def assert_same(name: str, setup: str, got: list[RequestOutput], want: list[RequestOutput]) -> None:
-    assert [o.request_id for o in got] == [o.request_id for o in want]
-    worst = max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g.logprobs, w.logprobs))
-    print(f"{name} {setup}: max |logprob diff| {worst:.2e}")
-    for g, w in zip(got, want):
-        assert g.token_ids == w.token_ids, f"{name} {setup} {g.request_id}: {g.token_ids} != {w.token_ids}"
-        diff = max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs))
-        assert diff <= TP_LOGPROB_ATOL, f"{name} {setup} {g.request_id}: logprob diff {diff:.2e}"
+    return ("text", "prompt_embeds") + (("multimodal",) if name == "tiny-llava" else ())
 
 
 CASES = [(m, s) for m in MODELS for s in SETUPS]
@@ -64,8 +28,8 @@ CASES = [(m, s) for m in MODELS for s in SETUPS]
 def test_parallel_equals_single_device(launchers: dict[int, MpLauncher], name: str, setup: str) -> None:
     tp, pp = SETUPS[setup]
     spec = EngineSpec(str(checkpoint(name)), tp, pp, engine=ENGINE)
-    got = launchers[tp * pp].run(spec, requests_for(name))
-    assert_same(name, setup, got, single_device(name))
+    got = launchers[tp * pp].run(spec, requests(name, *scenarios_of(name)))
+    assert_same(f"{name} {setup}", got, single_device(name, *scenarios_of(name)))
 
 
 @pytest.mark.parametrize(
@@ -85,7 +49,7 @@ def test_invalid_setup_rejected_before_processes_start(tp: int, pp: int, device:
         spec.validate(num_devices)
     if device == "cpu":
         with pytest.raises(ValueError, match=message):
-            launcher.run(spec, requests_for("tiny-llama"))
+            launcher.run(spec, requests("tiny-llama", "text"))
     assert launcher._procs == []  # nothing was started
 
 

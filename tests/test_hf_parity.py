@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,14 +17,14 @@ from reference_impl.scheduler import Chunk
 from scenarios import inputs
 from scenarios.models import checkpoint
 
+from helpers import assert_same, requests
+
 # fp32 prefill logits (magnitudes up to ~40): the engine and transformers differ only in
 # summation order (flat-batch matmuls, SDPA with an explicit mask vs causal SDPA, the norm op),
 # i.e. a few fp32 ulps of the largest logits. Measured max |diff| 1.2e-4 over every case here
 # (docs/engine.md has the command); 5e-4 leaves 4x headroom and stays ~60x below the
 # smallest top-1/top-2 gap of the tiny models (~0.03), so a real bug cannot hide under it.
 PREFILL_LOGITS_ATOL = 5e-4
-# Logprobs are log_softmax of such logits: the same order of error.
-LOGPROB_ATOL = 5e-4
 
 MODELS = ("tiny-llama", "tiny-qwen2", "tiny-llava")
 
@@ -73,15 +72,12 @@ def engine_prefill_logits(runner: Runner, requests: list[Request]) -> list[torch
     return list(torch.split(logits, [s.prompt_len for s in seqs]))
 
 
+# The kinds of input each model is checked on, by scenario.
+KINDS = {"ids": "text", "embeds": "prompt_embeds", "images": "multimodal"}
+
+
 def requests_for(name: str, kind: str) -> list[Request]:
-    cfg = engine(name).cfg
-    spec = inputs.InputSpec(max_new_tokens=16)
-    table = inputs.embedding_table(Path(checkpoint(name)))
-    if kind == "ids":
-        return inputs.text(cfg, spec)
-    if kind == "embeds":
-        return inputs.prompt_embeds(cfg, table, spec, torch.float32)
-    return inputs.multimodal(cfg, spec)
+    return requests(name, KINDS[kind])
 
 
 CASES = [(m, k) for m in MODELS for k in ("ids", "embeds")] + [("tiny-llava", "images")]
@@ -93,7 +89,7 @@ def test_prefill_logits_match_transformers(name: str, kind: str) -> None:
     assert len(reqs) > 1
     runner = Runner(engine(name), EngineConfig(max_num_seqs=8))
     ours = engine_prefill_logits(runner, reqs)  # all requests in one flat batch
-    for req, got in zip(reqs, ours):
+    for req, got in zip(reqs, ours, strict=True):
         want = hf_prefill_logits(name, req)
         err = (got - want).abs().max().item()
         print(f"{name}/{kind} {req.request_id}: max |logit diff| {err:.2e}")
@@ -122,22 +118,17 @@ def hf_greedy(name: str, req: Request) -> list[int]:
 def test_greedy_generation_matches_transformers(name: str, kind: str) -> None:
     reqs = requests_for(name, kind)
     outs = Runner(engine(name), EngineConfig(max_num_batched_tokens=32)).generate(reqs)
-    for req, out in zip(reqs, outs):
+    for req, out in zip(reqs, outs, strict=True):
         assert len(out.token_ids) == req.max_new_tokens >= 16
         assert out.token_ids == hf_greedy(name, req), f"{name}/{kind} request {req.request_id}"
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_chunked_and_unchunked_prefill_give_same_tokens(name: str) -> None:
-    cfg = engine(name).cfg
-    reqs = inputs.mixed(cfg, inputs.embedding_table(checkpoint(name)), inputs.InputSpec(), torch.float32)
+    reqs = requests(name, "mixed")
     chunked = Runner(engine(name), EngineConfig(max_num_batched_tokens=16, chunked_prefill=True))
     whole = Runner(engine(name), EngineConfig(max_num_batched_tokens=256, chunked_prefill=False))
-    a, b = chunked.generate(reqs), whole.generate(reqs)
-    for x, y in zip(a, b):
-        assert x.token_ids == y.token_ids, x.request_id
-        diff = max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs))
-        assert diff <= LOGPROB_ATOL, f"{x.request_id}: logprob diff {diff:.2e}"
+    assert_same(f"{name} chunked vs whole prefill", chunked.generate(reqs), whole.generate(reqs))
 
 
 def test_chunked_schedule_mixes_prefill_and_decode() -> None:

@@ -31,8 +31,8 @@ from reference_impl.runner import EngineConfig, Runner
 from reference_impl.scheduler import Chunk
 from scenarios.models import checkpoint
 
-# Sharded vs single-device fp32 logprobs differ by at most ~3.3e-5 (tests/test_distributed.py).
-LOGPROB_ATOL = 2e-4
+from helpers import TP_ATOL, differences
+
 BUDGET = 24  # tokens per step: longer prompts are prefilled in chunks
 ENGINE = EngineConfig(max_num_seqs=4, max_num_batched_tokens=BUDGET)
 VOCAB = 512
@@ -81,20 +81,6 @@ def spec(model: str, tp: int, pp: int, mode: str = "eager", sp: bool = False, sp
 def single_device(model: str, requests: str) -> list[RequestOutput]:
     """The clean single-device engine's outputs (the reference every run is compared to)."""
     return Runner(load_model(model_path(model)), ENGINE).generate(REQUESTS[requests])
-
-
-def differences(got: list[RequestOutput], want: list[RequestOutput]) -> dict[str, str]:
-    """Request id -> what differs beyond the TP tolerance; empty when the runs agree."""
-    out = {}
-    for g, w in zip(got, want, strict=True):
-        if g.token_ids != w.token_ids:
-            step = next(i for i, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b)
-            out[g.request_id] = f"tokens differ from step {step}"
-            continue
-        diff = max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs))
-        if diff > LOGPROB_ATOL:
-            out[g.request_id] = f"logprob diff {diff:.2e}"
-    return out
 
 
 def clean_then_mutated(mutation: str, model: str, tp: int, pp: int, requests: str
@@ -330,8 +316,8 @@ def test_decode_kv_slot_off_by_one_hits_only_chunked_prompts() -> None:
     assert set(differences(mutated, want)) == {"long"}
     long_got, long_want = mutated[0], want[0]
     assert long_got.token_ids[0] == long_want.token_ids[0]  # sampled from the prefill: unaffected
-    assert abs(long_got.logprobs[0] - long_want.logprobs[0]) <= LOGPROB_ATOL
-    assert max(abs(a - b) for a, b in zip(long_got.logprobs[1:], long_want.logprobs[1:])) > LOGPROB_ATOL
+    assert abs(long_got.logprobs[0] - long_want.logprobs[0]) <= TP_ATOL
+    assert max(abs(a - b) for a, b in zip(long_got.logprobs[1:], long_want.logprobs[1:], strict=True)) > TP_ATOL
 
 
 def test_row_parallel_bias_per_rank_changes_biased_models(biased_llava: str) -> None:

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from functools import cache
 
 import pytest
-import torch
 
 from harness.launch import RayLauncher, WorkerError, ray_launcher
-from reference_impl.config import load_config
 from reference_impl.engine import EngineSpec
-from reference_impl.loader import load_model
-from reference_impl.requests import Request, RequestOutput
-from reference_impl.runner import EngineConfig, Runner
-from scenarios import inputs
 from scenarios.models import checkpoint
 
-# fp32 chosen-token logprobs, sharded vs single-device: TP changes the summation order of the
-# row-parallel matmuls (partial sums all-reduced) and nothing else; PP changes nothing (0.0).
-# Measured max 3.3e-5 over tests/test_distributed.py's cases; 2e-4 leaves 6x headroom and sits
-# ~150x below the tiny models' smallest top-1/top-2 gap (~0.03), so a wrong shard, which moves
-# logprobs by far more, cannot pass. The launcher changes none of this (same Worker, same gloo).
-TP_LOGPROB_ATOL = 2e-4
+from helpers import ENGINE, assert_same, requests, single_device
 
 MODEL = "tiny-llama"
+SCENARIOS = ("text", "prompt_embeds")  # ids (lengths 1, 7, 13, 70) and prompt-embeds: one batch
 SETUPS = {"tp2": (2, 1), "tp2-pp2": (2, 2)}
-# A small step budget so the 70-token prompt is chunked and steps mix prefill with decode.
-ENGINE = EngineConfig(max_num_seqs=8, max_num_batched_tokens=24)
 # A rank failure must surface well before the Worker's 120 s collective timeout would fire.
 FAILURE_DEADLINE_S = 60.0
 
@@ -45,30 +32,6 @@ def ray_launchers() -> Iterator[dict[int, RayLauncher]]:
         launcher.close()
 
 
-@cache
-def requests_for(name: str) -> list[Request]:
-    """Ids (lengths 1, 7, 13, 70) and prompt-embeds: one batch."""
-    ckpt = checkpoint(name)
-    cfg = load_config(ckpt)
-    spec = inputs.InputSpec(max_new_tokens=16)
-    return inputs.text(cfg, spec) + inputs.prompt_embeds(cfg, inputs.embedding_table(ckpt), spec, torch.float32)
-
-
-@cache
-def single_device(name: str) -> list[RequestOutput]:
-    return Runner(load_model(checkpoint(name)), ENGINE).generate(requests_for(name))
-
-
-def assert_same(setup: str, got: list[RequestOutput], want: list[RequestOutput]) -> None:
-    assert [o.request_id for o in got] == [o.request_id for o in want]
-    worst = max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g.logprobs, w.logprobs))
-    print(f"{setup}: max |logprob diff| {worst:.2e}")
-    for g, w in zip(got, want):
-        assert g.token_ids == w.token_ids, f"{setup} {g.request_id}: {g.token_ids} != {w.token_ids}"
-        diff = max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs))
-        assert diff <= TP_LOGPROB_ATOL, f"{setup} {g.request_id}: logprob diff {diff:.2e}"
-
-
 def spec_for(tp: int, pp: int) -> EngineSpec:
     return EngineSpec(str(checkpoint(MODEL)), tp, pp, engine=ENGINE)
 
@@ -82,8 +45,8 @@ def pids(launcher: RayLauncher) -> list[int]:
 def test_parallel_equals_single_device(ray_launchers: dict[int, RayLauncher], setup: str) -> None:
     tp, pp = SETUPS[setup]
     launcher = ray_launchers[tp * pp]
-    got = launcher.run(spec_for(tp, pp), requests_for(MODEL))
-    assert_same(setup, got, single_device(MODEL))
+    got = launcher.run(spec_for(tp, pp), requests(MODEL, *SCENARIOS))
+    assert_same(setup, got, single_device(MODEL, *SCENARIOS))
     info = launcher.actor_info()
     assert launcher.master_addr == info[0]["node_ip"]  # rendezvous on rank 0's node, as Ray sees it
 
@@ -91,15 +54,15 @@ def test_parallel_equals_single_device(ray_launchers: dict[int, RayLauncher], se
 def test_pool_reuses_actors_and_fresh_workers_do_not(ray_launchers: dict[int, RayLauncher]) -> None:
     spec = spec_for(2, 1)
     pooled = ray_launchers[2]
-    pooled.run(spec, requests_for(MODEL))
+    pooled.run(spec, requests(MODEL, *SCENARIOS))
     first = pooled.actor_info()
-    pooled.run(spec, requests_for(MODEL))
+    pooled.run(spec, requests(MODEL, *SCENARIOS))
     assert pooled.actor_info() == first
 
     with RayLauncher(2, fresh_workers=True) as fresh:
-        fresh.run(spec, requests_for(MODEL))
+        fresh.run(spec, requests(MODEL, *SCENARIOS))
         pids_a = pids(fresh)
-        fresh.run(spec, requests_for(MODEL))
+        fresh.run(spec, requests(MODEL, *SCENARIOS))
         pids_b = pids(fresh)
     assert not set(pids_a) & set(pids_b), (pids_a, pids_b)
     assert not set(pids_a) & {i["pid"] for i in first}
@@ -141,7 +104,7 @@ def test_rank_failure_surfaces_without_hanging_and_restarts(test_operations: Non
 def test_invalid_spec_rejected_before_actors_start(tp: int, pp: int, world_size: int, message: str) -> None:
     launcher = RayLauncher(world_size)
     with pytest.raises(ValueError, match=message):
-        launcher.run(EngineSpec(str(checkpoint(MODEL)), tp, pp), requests_for(MODEL))
+        launcher.run(EngineSpec(str(checkpoint(MODEL)), tp, pp), requests(MODEL, *SCENARIOS))
     assert launcher._actors == [] and launcher._pg is None and launcher.master_addr is None
 
 
