@@ -83,35 +83,20 @@ def head_stopped(pid: int) -> bool:
     return not alive(pid)
 
 
-def test_ray_starts_only_for_the_tests_that_need_it(pytester: pytest.Pytester) -> None:
-    """A session whose tests need no Ray (``pytest tests/test_compare.py``) never imports it; a
-    test that uses a Ray launcher gets the session's cluster, which ends with the session."""
+def test_a_session_that_needs_no_ray_never_imports_it(pytester: pytest.Pytester) -> None:
+    """``pytest tests/test_compare.py``: neither the plugin nor any fixture touches Ray."""
     pytester.makepyfile(test_a="""
 import sys
 
 def test_plain():
-    assert "ray" not in sys.modules  # the plugin, and every test so far, left Ray alone
-""", test_b="""
-import os
-
-def test_launcher(ray_cluster, pytestconfig):
-    from harness.launch import RayLauncher
-    from parity.pytest_plugin import controller_pid
-    from parity.ray_session import session_dir
-
-    assert os.environ["RAY_ADDRESS"] == ray_cluster
-    with RayLauncher(1) as launcher:
-        assert launcher.call("ping") == [0]
-    folder = session_dir(controller_pid(pytestconfig))
-    (pytestconfig.rootpath / "head").write_text(str(folder) + " " + (folder / "pid").read_text())
+    assert "ray" not in sys.modules
 """)
-    pytester.runpytest_subprocess("test_a.py").assert_outcomes(passed=1)
-    pytester.runpytest_subprocess("test_a.py", "test_b.py").assert_outcomes(passed=2)
-    folder, pid = (pytester.path / "head").read_text().split()
-    assert head_stopped(int(pid)) and not Path(folder).exists()
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
 
 
 def test_one_ray_cluster_shared_by_xdist_workers(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """The first test to need Ray starts the session's head, whichever worker runs it; every
+    worker's tests, and a Ray launcher's actors, use that one; it ends with the session."""
     out = tmp_path / "addresses"
     out.mkdir()
     pytester.makepyfile(test_r=f"""
@@ -126,9 +111,16 @@ def test_address(i, worker_id, ray_cluster, pytestconfig):
     head = (session_dir(controller_pid(pytestconfig)) / "pid").read_text()
     with open(os.path.join({str(out)!r}, f"{{worker_id}}-{{i}}"), "w") as f:
         f.write(" ".join([ray_cluster, os.environ["RAY_ADDRESS"], ray.get_runtime_context().gcs_address, head]))
+
+
+def test_launcher(ray_cluster):
+    from harness.launch import RayLauncher
+
+    with RayLauncher(1) as launcher:
+        assert launcher.call("ping") == [0]
 """)
     result = pytester.runpytest_subprocess("-n", "2")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
     files = list(out.iterdir())
     assert {f.name.split("-")[0] for f in files} == {"gw0", "gw1"}
     seen = {tuple(f.read_text().split()) for f in files}
