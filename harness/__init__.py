@@ -1,1 +1,2 @@
-"""parity's harness: setups, launchers, comparison, localization, mutations and the CLI."""
+"""parity's harness: setups, planning, launchers and pools, comparison, localization, mutations,
+result files. (The command line is parity.cli.)"""
