@@ -105,12 +105,19 @@ def raise_on_rank_1(worker: Any) -> None:
 
 
 def exit_on_rank_1(worker: Any) -> None:
-    """Rank 1's process dies without a reply while rank 0 waits in a collective."""
+    """Rank 1's process dies without a reply while rank 0 stays busy for the Worker's whole
+    collective timeout, as in a collective that does not notice a dead peer (NCCL's). (In a gloo
+    collective rank 0 would fail at once on the closed connection, and whose failure came back
+    first would be a race.)"""
+    import time
+
     import torch.distributed as dist
+
+    from harness.launch.worker import COLLECTIVE_TIMEOUT
 
     if dist.get_rank() == 1:
         os._exit(3)
-    dist.barrier()
+    time.sleep(COLLECTIVE_TIMEOUT.total_seconds())
 
 
 def gather_residual_probe(worker: Any) -> list[float]:
