@@ -53,6 +53,7 @@ class Tolerance:
     topk_atol: float
     near_tie: float
     identical_atol: float
+    max_flips: int = 1  # near-tie flips tolerated per request (in its forced replay)
 
 
 # Every figure below was measured with ``python -m harness.calibrate`` (docs/harness.md): the smoke
@@ -64,7 +65,7 @@ class Tolerance:
 # token and 7.0e-5 on other top-k entries, the oracle by 4.3e-5 and 1.8e-4; no token ever flips.
 # 1e-3 for both leaves 5x headroom over the largest (the oracle's top-k tail), yet sits 30x below
 # the smallest top-1/top-2 logprob gap of the tiny models (~0.03) and far below what real bugs do
-# (the weakest catalogued catch moved a logprob by 0.2: docs/detection.md). (On CUDA this assumes
+# (docs/detection.md: the margins against every catalogued bug). (On CUDA this assumes
 # TF32 matmuls stay off, torch's default.)
 FLOAT32_LOGPROB_ATOL = 1e-3
 FLOAT32_TOPK_ATOL = 1e-3
@@ -89,6 +90,13 @@ BFLOAT16_TOPK_ATOL = 5.0
 FLOAT32_NEAR_TIE = FLOAT32_LOGPROB_ATOL
 BFLOAT16_NEAR_TIE = 2.0
 
+# Near-tie flips tolerated per request, counted on its forced replay (every step on the baseline's
+# prefix). fp32: one, and no clean run has needed it. bf16: the most any clean request showed over
+# the 3-seed calibration is 3 (parallel pairs, 61 flips in 36 cases; the oracle: 2), so 5; each
+# flip must still be a near-tie and every step's logprobs stay within the atols.
+FLOAT32_MAX_FLIPS = 1
+BFLOAT16_MAX_FLIPS = 5
+
 # Noise floors of the ``identical`` policy (SP against SP off). Measured: 0.0 in both dtypes,
 # chosen and top-k, over 60 pairs x 3 seeds (3,840 steps) on CPU / gloo; 0.0 on 2 and 4 H200s
 # for the chosen token (NCCL top-k figures: the multi-GPU runs). A pair that stops being
@@ -100,8 +108,10 @@ FLOAT32_IDENTICAL_ATOL = 1e-6
 BFLOAT16_IDENTICAL_ATOL = 1 / 32
 
 TOLERANCES: dict[str, Tolerance] = {
-    "float32": Tolerance(FLOAT32_LOGPROB_ATOL, FLOAT32_TOPK_ATOL, FLOAT32_NEAR_TIE, FLOAT32_IDENTICAL_ATOL),
-    "bfloat16": Tolerance(BFLOAT16_LOGPROB_ATOL, BFLOAT16_TOPK_ATOL, BFLOAT16_NEAR_TIE, BFLOAT16_IDENTICAL_ATOL),
+    "float32": Tolerance(FLOAT32_LOGPROB_ATOL, FLOAT32_TOPK_ATOL, FLOAT32_NEAR_TIE, FLOAT32_IDENTICAL_ATOL,
+                         FLOAT32_MAX_FLIPS),
+    "bfloat16": Tolerance(BFLOAT16_LOGPROB_ATOL, BFLOAT16_TOPK_ATOL, BFLOAT16_NEAR_TIE, BFLOAT16_IDENTICAL_ATOL,
+                          BFLOAT16_MAX_FLIPS),
 }
 
 
@@ -200,7 +210,7 @@ class Divergence:
         gaps = (f"candidate's token leads the baseline's by {_fmt_float(self.candidate_gap)} on the candidate, "
                 f"baseline's leads by {_fmt_float(self.baseline_gap)} on the baseline (n/a: not in top-k)")
         if self.tolerated:
-            return f"tokens differ: a near-tie: {gaps}, both <= {near_tie:.2g} (tolerated once per request)"
+            return f"tokens differ: a near-tie: {gaps}, both <= {near_tie:.2g} (tolerated)"
         why = self.detail or f"not a near-tie (needs both gaps <= {near_tie:.2g})"
         return f"tokens differ: {gaps}; {why}"
 
@@ -266,7 +276,8 @@ def compare(
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r}: choose from {', '.join(POLICIES)}")
     atol, topk_atol = policy_atol(policy, dtype)
-    rules = _Rules(policy, atol, topk_atol, tolerance_for(dtype).near_tie)
+    tol = tolerance_for(dtype)
+    rules = _Rules(policy, atol, topk_atol, tol.near_tie, tol.max_flips)
     _check_structure(candidate, baseline)
     forced = forced or {}
     walks = []
@@ -289,6 +300,7 @@ class _Rules:
     atol: float
     topk_atol: float
     near_tie: float
+    max_flips: int
 
     @property
     def judges_logprobs(self) -> bool:
@@ -435,9 +447,9 @@ def _flip(cand: RequestOutput, base: RequestOutput, step: int, rules: _Rules, fl
     detail = ""
     if rules.policy != "logprobs":
         detail = f"policy {rules.policy} tolerates no flip"
-    elif near and flips_so_far:
-        detail = "a second flip in this request (one near-tie is tolerated per request)"
-    tolerated = rules.policy == "logprobs" and near and not flips_so_far
+    elif near and flips_so_far >= rules.max_flips:
+        detail = f"flip #{flips_so_far + 1} in this request ({rules.max_flips} near-ties tolerated per request)"
+    tolerated = rules.policy == "logprobs" and near and flips_so_far < rules.max_flips
     replayed = greedy is not None
     return _divergence(cand, base, step, "token", tolerated, replayed=replayed, detail=detail,
                        gaps=(c_gap, b_gap), candidate_token=c_tok)
@@ -510,6 +522,7 @@ def _metrics(
         "atol": rules.atol,
         "topk_atol": rules.topk_atol,
         "near_tie": rules.near_tie,
+        "max_flips": rules.max_flips,
         "dtype": dtype,
     }
 
