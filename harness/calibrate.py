@@ -36,9 +36,11 @@ class Noise:
     max_topk: float = 0.0
     flips: int = 0
     max_flip_gap: float = 0.0  # the larger of the two sides' leads, over all flips
+    max_flips_per_request: int = 0
     worst: dict[str, str] = field(default_factory=dict)  # measure -> the case that set it
 
     def add(self, case_id: str, cand: RequestOutput, base: RequestOutput) -> None:
+        flips = self.flips
         for step, token in enumerate(base.token_ids):
             self.steps += 1
             c_top, b_top = dict(cand.top_logprobs[step]), dict(base.top_logprobs[step])
@@ -51,6 +53,9 @@ class Noise:
                 c_gap = c_top[greedy] - cand.logprobs[step]
                 b_gap = b_top[token] - b_top[greedy] if greedy in b_top else float("inf")
                 self._max("max_flip_gap", max(c_gap, b_gap), case_id)
+        if self.flips - flips > self.max_flips_per_request:
+            self.max_flips_per_request = self.flips - flips
+            self.worst["max_flips_per_request"] = f"{case_id} {base.request_id}"
 
     def _max(self, name: str, value: float, case_id: str) -> None:
         if value > getattr(self, name):

@@ -103,12 +103,15 @@ def _run(args: argparse.Namespace) -> int:
 def _explain_nothing_ran(results: Sequence[CaseResult], planned: Sequence[PlannedCase],
                          options: RunOptions) -> None:
     """Exit 4's stderr: each distinct skip reason once with its count, then the setups that fit."""
+    from harness.case import is_oracle
+
     ran = [r for r in results if r.status != "skip"]
-    print("parity run: no case ran" + ("" if results else " (no case planned)")
-          + (f" but {len(ran)} oracle cases (they check no parallelism)" if ran else ""), file=sys.stderr)
+    what = f"no parallel case ran ({len(ran)} oracle cases did: they check no parallelism)" if ran else "no case ran"
+    print(f"parity run: {what}" + ("" if results else " (no case planned)"), file=sys.stderr)
     for reason, count in Counter(r.reason for r in results if r.status == "skip").items():
         print(f"  {count} x {reason}", file=sys.stderr)
-    print(_fit_suggestion([p.case.setup.id for p in planned], options), file=sys.stderr)
+    parallel = [p.case.setup.id for p in planned if not is_oracle(p.case.setup.id, p.case.baseline_id)]
+    print(_fit_suggestion(parallel, options), file=sys.stderr)
 
 
 def _fit_suggestion(setup_ids: Sequence[str], options: RunOptions) -> str:

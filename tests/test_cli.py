@@ -88,6 +88,19 @@ def test_run_where_no_setup_fits_exits_4_and_suggests(tmp_path: Path, capsys: py
     assert "setups that fit tiny-llama-9h: tp3-eager; or rerun with --fit" in err
 
 
+def test_a_run_whose_only_cases_are_oracles_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The smoke matrix on a 9-head model: every parallel case skips, the oracle case (one device
+    against transformers) runs and passes, and the run still checked no parallelism: exit 4."""
+    args = ["run", "--backend", "mp", "--model", "tiny-llama-9h", "--scenarios", "text", "--out", str(tmp_path / "o")]
+    assert main(args) == 4
+    err = capsys.readouterr().err
+    assert "no parallel case ran (1 oracle cases did: they check no parallelism)" in err
+    suggestion = next(line for line in err.splitlines() if line.startswith("setups that fit"))
+    assert "tp3-sp-graph-full" in suggestion and "tp1-pp1-eager" not in suggestion
+    cases = json.loads((tmp_path / "o" / "summary.json").read_text())["cases"]
+    assert [c["status"] for c in cases if c["baseline"] == "hf"] == ["pass"]
+
+
 def test_run_with_fit_runs_tp3(tmp_path: Path) -> None:
     out = tmp_path / "o"
     args = ["run", "--backend", "mp", "--model", "tiny-llama-9h", "--setups", "tp2-eager", "--scenarios", "text",
