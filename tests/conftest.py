@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness.launch import MpLauncher, mp, ray_launcher
+from harness.launch import MpLauncher
 
-from helpers import remote_actor_with_test_operations, serve_with_test_operations
+from helpers import use_test_operations
 
 
 @pytest.fixture(scope="module")
@@ -24,5 +24,4 @@ def launchers() -> Iterator[dict[int, MpLauncher]]:
 def test_operations(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank processes that ``MpLauncher`` and ``RayLauncher`` start during the test also carry the
     operations of ``helpers.TEST_OPERATIONS`` (fail on cue, probe a collective)."""
-    monkeypatch.setattr(mp, "_serve", serve_with_test_operations)
-    monkeypatch.setattr(ray_launcher, "_remote_actor_class", remote_actor_with_test_operations)
+    use_test_operations(monkeypatch)

@@ -12,6 +12,7 @@ import torch
 
 from harness.compare import tolerance_for
 from harness.launch import mp as mp_launcher
+from harness.launch import ray_launcher
 from harness.launch.ray_launcher import RankActor
 from harness.setup import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
 from reference_impl.loader import load_model
@@ -91,8 +92,9 @@ def assert_same(label: str, got: Sequence[RequestOutput], want: Sequence[Request
 #
 # Production workers run only the operations they catalogue (``Worker.OPERATIONS``). A test that
 # needs a rank to fail on cue, or to report something the catalogue does not, takes the
-# ``test_operations`` fixture (tests/conftest.py): the rank processes its launchers start first
-# call ``add_test_operations``, which adds these functions to their ``Worker`` class and catalogue.
+# ``test_operations`` fixture (tests/conftest.py, ``use_test_operations``): the rank processes its
+# launchers start first call ``add_test_operations``, which adds these functions to their
+# ``Worker`` class and catalogue.
 
 
 def raise_on_rank_1(worker: Any) -> None:
@@ -163,3 +165,10 @@ def remote_actor_with_test_operations() -> Any:
     import ray
 
     return ray.remote(RankActorWithTestOperations)
+
+
+def use_test_operations(monkeypatch: Any) -> None:
+    """From now until ``monkeypatch`` is undone, the rank processes that ``MpLauncher`` and
+    ``RayLauncher`` start carry the test operations."""
+    monkeypatch.setattr(mp_launcher, "_serve", serve_with_test_operations)
+    monkeypatch.setattr(ray_launcher, "_remote_actor_class", remote_actor_with_test_operations)

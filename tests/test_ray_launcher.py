@@ -11,7 +11,7 @@ from harness.launch import RayLauncher, WorkerError, ray_launcher
 from reference_impl.engine import EngineSpec
 from scenarios.models import checkpoint
 
-from helpers import ENGINE, assert_same, requests, single_device
+from helpers import ENGINE, assert_same, requests, single_device, use_test_operations
 
 MODEL = "tiny-llama"
 SCENARIOS = ("text", "prompt_embeds")  # ids (lengths 1, 7, 13, 70) and prompt-embeds: one batch
@@ -25,11 +25,15 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 @pytest.fixture(scope="module")
 def ray_launchers() -> Iterator[dict[int, RayLauncher]]:
-    """A 2-rank and a 4-rank launcher, their actors kept across the module's tests."""
-    pool = {2: RayLauncher(2), 4: RayLauncher(4)}
-    yield pool
-    for launcher in pool.values():
-        launcher.close()
+    """A 2-rank and a 4-rank launcher, their actors kept across the module's tests. Every actor
+    the module starts also carries ``helpers.TEST_OPERATIONS``, so that the failure tests reuse
+    the warm 2-rank launcher."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_test_operations(monkeypatch)
+        pool = {2: RayLauncher(2), 4: RayLauncher(4)}
+        yield pool
+        for launcher in pool.values():
+            launcher.close()
 
 
 def spec_for(tp: int, pp: int) -> EngineSpec:
@@ -72,20 +76,20 @@ def test_pool_reuses_actors_and_fresh_workers_do_not(ray_launchers: dict[int, Ra
     ("raise_on_rank_1", "RuntimeError: boom on rank 1"),
     ("exit_on_rank_1", "actor died"),
 ])
-def test_rank_failure_surfaces_without_hanging_and_restarts(test_operations: None, target: str, message: str
-                                                            ) -> None:
-    """A rank raises, or its process dies, while rank 0 waits in a collective (the operations are
-    ``helpers.TEST_OPERATIONS``): the launcher raises at once, tears every actor down, and its
+def test_rank_failure_surfaces_without_hanging_and_restarts(ray_launchers: dict[int, RayLauncher],
+                                                            target: str, message: str) -> None:
+    """A rank raises while rank 0 waits in a collective, or its process dies while rank 0 is busy
+    (``helpers.TEST_OPERATIONS``): the launcher raises at once, tears every actor down, and its
     next call starts new ones."""
-    with RayLauncher(2) as launcher:
-        before = pids(launcher)
-        start = time.monotonic()
-        with pytest.raises(WorkerError) as info:
-            launcher.call(target)
-        elapsed = time.monotonic() - start
-        torn_down = launcher._actors == [] and launcher._pg is None
-        assert launcher.call("ping") == [0, 1]
-        after = pids(launcher)
+    launcher = ray_launchers[2]
+    before = pids(launcher)
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        launcher.call(target)
+    elapsed = time.monotonic() - start
+    torn_down = launcher._actors == [] and launcher._pg is None
+    assert launcher.call("ping") == [0, 1]
+    after = pids(launcher)
     print(f"{target}: WorkerError after {elapsed:.2f}s")
     assert elapsed < FAILURE_DEADLINE_S
     assert info.value.rank == 1
