@@ -146,10 +146,14 @@ def add_test_operations() -> None:
     Worker.OPERATIONS = Worker.OPERATIONS | set(TEST_OPERATIONS)
 
 
+# The launcher's own rank-process body (``use_test_operations`` replaces the module's name).
+_SERVE = mp_launcher._serve
+
+
 def serve_with_test_operations(*args: Any) -> None:
     """An ``MpLauncher`` rank process: the launcher's own serve loop, with the test operations."""
     add_test_operations()
-    mp_launcher._serve(*args)
+    _SERVE(*args)
 
 
 class RankActorWithTestOperations(RankActor):
