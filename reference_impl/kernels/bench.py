@@ -66,6 +66,7 @@ def copy_gbps(dtype: torch.dtype) -> float:
 
 
 def bench(op: str, hidden: int, rows: int, dtype: torch.dtype, ceiling: float) -> Row:
+    torch._dynamo.reset()  # a fresh inductor kernel per shape: never the recompile limit's eager fallback
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(rows, hidden, generator=gen, device="cuda", dtype=dtype)  # (N, H)
     residual = torch.randn(rows, hidden, generator=gen, device="cuda", dtype=dtype)  # (N, H)
