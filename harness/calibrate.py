@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from harness.case import Case
+from harness.compare import flip_gaps, forced_greedy
 from harness.matrix import get_matrix
 from harness.orchestrate import Orchestrator
 from harness.outcome import policy_for
@@ -47,12 +49,11 @@ class Noise:
             self._max("max_chosen", abs(cand.logprobs[step] - base.logprobs[step]), case_id)
             shared = [abs(c_top[t] - b_top[t]) for t in set(c_top) & set(b_top)]
             self._max("max_topk", max(shared, default=0.0), case_id)
-            greedy = cand.top_logprobs[step][0][0]
-            if greedy != token and cand.top_logprobs[step][0][1] > cand.logprobs[step]:  # a tie is no flip
+            greedy = forced_greedy(cand, step)  # a tie with the forced token is no flip
+            if greedy != token:
                 self.flips += 1
-                c_gap = c_top[greedy] - cand.logprobs[step]
-                b_gap = b_top[token] - b_top[greedy] if greedy in b_top else float("inf")
-                self._max("max_flip_gap", max(c_gap, b_gap), case_id)
+                gaps = flip_gaps(cand, base, step, greedy)  # None: not in that side's top-k
+                self._max("max_flip_gap", max(math.inf if g is None else g for g in gaps), case_id)
         if self.flips - flips > self.max_flips_per_request:
             self.max_flips_per_request = self.flips - flips
             self.worst["max_flips_per_request"] = f"{case_id} {base.request_id}"

@@ -375,7 +375,7 @@ def _walk_forced(cand: RequestOutput, base: RequestOutput, rules: _Rules) -> _Wa
         walk.steps += 1
         if _nonfinite(cand, base, step, walk, replayed=True):
             continue
-        greedy = _greedy(cand, step)
+        greedy = forced_greedy(cand, step)
         if greedy != base.token_ids[step]:
             walk.divergences.append(_flip(cand, base, step, rules, flips, greedy=greedy))
             flips += 1
@@ -383,7 +383,7 @@ def _walk_forced(cand: RequestOutput, base: RequestOutput, rules: _Rules) -> _Wa
     return walk
 
 
-def _greedy(forced: RequestOutput, step: int) -> int:
+def forced_greedy(forced: RequestOutput, step: int) -> int:
     """The candidate's own greedy token at ``step`` of a forced replay: its top-1, unless the forced
     token ties it (bf16 logits tie often; greedy takes the lowest id, top-k may list either)."""
     top = _top_k(forced, step)
@@ -437,12 +437,7 @@ def _flip(cand: RequestOutput, base: RequestOutput, step: int, rules: _Rules, fl
     """A token divergence at ``step``; tolerated only under ``logprobs`` as the request's first
     near-tie (each side's token leads the other's by at most ``near_tie`` on that side)."""
     c_tok = cand.token_ids[step] if greedy is None else greedy
-    b_tok = base.token_ids[step]
-    c_top, b_top = dict(_top_k(cand, step)), dict(_top_k(base, step))
-    c_gap = c_top[c_tok] - c_top[b_tok] if c_tok in c_top and b_tok in c_top else None
-    if greedy is not None and c_tok in c_top:  # forced: the baseline's token's logprob is known
-        c_gap = c_top[c_tok] - cand.logprobs[step]
-    b_gap = b_top[b_tok] - b_top[c_tok] if b_tok in b_top and c_tok in b_top else None
+    c_gap, b_gap = flip_gaps(cand, base, step, greedy)
     near = all(g is not None and g <= rules.near_tie for g in (c_gap, b_gap))
     detail = ""
     if rules.policy != "logprobs":
@@ -453,6 +448,22 @@ def _flip(cand: RequestOutput, base: RequestOutput, step: int, rules: _Rules, fl
     replayed = greedy is not None
     return _divergence(cand, base, step, "token", tolerated, replayed=replayed, detail=detail,
                        gaps=(c_gap, b_gap), candidate_token=c_tok)
+
+
+def flip_gaps(cand: RequestOutput, base: RequestOutput, step: int, greedy: int | None = None
+              ) -> tuple[float | None, float | None]:
+    """How far each side's own token leads the other side's token at ``step``, on that side:
+    ``(candidate's lead, baseline's lead)``, ``None`` where the other token is not in that side's
+    top-k. ``greedy``: the candidate's own choice on a forced replay (``forced_greedy``), whose
+    output then holds the baseline's token with its logprob."""
+    c_tok = cand.token_ids[step] if greedy is None else greedy
+    b_tok = base.token_ids[step]
+    c_top, b_top = dict(_top_k(cand, step)), dict(_top_k(base, step))
+    c_gap = c_top[c_tok] - c_top[b_tok] if c_tok in c_top and b_tok in c_top else None
+    if greedy is not None and c_tok in c_top:  # forced: the baseline's token's logprob is known
+        c_gap = c_top[c_tok] - cand.logprobs[step]
+    b_gap = b_top[b_tok] - b_top[c_tok] if b_tok in b_top and c_tok in b_top else None
+    return c_gap, b_gap
 
 
 def _nonfinite(cand: RequestOutput, base: RequestOutput, step: int, walk: _Walk, replayed: bool = False) -> bool:

@@ -5,7 +5,7 @@ each case's final result as soon as it is known. Planning is ``harness.plan``, t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,31 +92,24 @@ class Orchestrator:
         if planned.skip_reason:
             return CaseResult.for_case(case, "skip", reason=planned.skip_reason)
         requests = self.requests(case.scenario)
+        matches = None
         try:
             base = self._side(case, "baseline", lambda: self.baseline_outputs(case, requests))
             run = self._side(case, "candidate", lambda: self.candidate_run(case, requests))
+            matches = outcome.sp_matches(run.ranks)
+            vacuous, sp_note = outcome.sp_vacuity(case.setup, matches)
+            problem = outcome.rank_disagreement(run) or vacuous
+            if problem:
+                raise _CaseOutcome("fail", problem)
+            policy = outcome.policy_for(case, self.options.policy)
+            verdict = compare(run.outputs, base, policy, self.options.dtype)
+            if verdict.replay:
+                replay_ids = verdict.replay
+                forced = self._side(case, "candidate", lambda: self.forced_replay(case, requests, base, replay_ids))
+                verdict = compare(run.outputs, base, policy, self.options.dtype, forced=forced)
         except _CaseOutcome as ended:
-            return CaseResult.for_case(case, ended.status, reason=ended.reason,
+            return CaseResult.for_case(case, ended.status, reason=ended.reason, sp_matches=matches,
                                        seconds=time.monotonic() - start)
-        assert isinstance(base, list) and isinstance(run, EngineRun)
-        matches = outcome.sp_matches(run.ranks)
-        fields: dict[str, Any] = {"sp_matches": matches, "seconds": 0.0}
-        problem = outcome.rank_disagreement(run)
-        vacuous, sp_note = outcome.sp_vacuity(case.setup, matches)
-        if problem or vacuous:
-            return CaseResult.for_case(case, "fail", reason=problem or vacuous or "",
-                                       **{**fields, "seconds": time.monotonic() - start})
-        policy = outcome.policy_for(case, self.options.policy)
-        verdict = compare(run.outputs, base, policy, self.options.dtype)
-        if verdict.replay:
-            try:
-                forced = self._side(case, "candidate", lambda: self.forced_replay(case, requests, base))
-            except _CaseOutcome as failed:
-                return CaseResult.for_case(case, failed.status, reason=failed.reason,
-                                           **{**fields, "seconds": time.monotonic() - start})
-            assert isinstance(forced, dict)
-            replays = {rid: forced[rid] for rid in verdict.replay}
-            verdict = compare(run.outputs, base, policy, self.options.dtype, forced=replays)
         divergence = verdict.first_divergence.to_json() if verdict.first_divergence else None
         localization = None
         if not verdict.passed and divergence is not None and self.options.localize:
@@ -140,13 +133,14 @@ class Orchestrator:
         except (RuntimeError, TimeoutError, OSError) as exc:  # no resources, Ray, transformers
             raise _CaseOutcome("error", f"infrastructure: {side} {setup_id}: {type(exc).__name__}: {exc}") from exc
 
-    def forced_replay(self, case: Case, requests: list[Request], base: list[RequestOutput]
-                      ) -> dict[str, RequestOutput]:
+    def forced_replay(self, case: Case, requests: list[Request], base: list[RequestOutput],
+                      ids: Collection[str] | None = None) -> dict[str, RequestOutput]:
         """The candidate rerun with every request forced along the baseline's tokens (the same
-        batch, so the same schedule), by request id."""
+        batch, so the same schedule): the replays of ``ids`` (default: all), by request id."""
         by_id = {o.request_id: o for o in base}
         forced = [replace(r, forced_tokens=tuple(by_id[r.request_id].token_ids)) for r in requests]
-        return {o.request_id: o for o in self.candidate_run(case, forced).outputs}
+        return {o.request_id: o for o in self.candidate_run(case, forced).outputs
+                if ids is None or o.request_id in ids}
 
     def localize(self, case: Case, requests: list[Request], request_id: str) -> dict[str, Any] | None:
         """Replay the batch's prefill with capture on both sides (``localize_replay``; not for ``hf``)."""

@@ -16,7 +16,10 @@ from typing import Any
 from harness.case import HF_BASELINE, Case
 from harness.launch.base import EngineRun, RankReport, WorkerError
 from harness.setup import ParallelSetup
+from reference_impl.compile.config import COLLECTIVES, SP_PATTERNS
 
+# How the reason of a case whose engine code raised begins (``parity selftest`` marks such catches).
+ENGINE_RAISED = "engine raised"
 # Frames of these paths in a rank's traceback are the engine under test (the catalogued
 # mutations patch it from harness/mutations): an exception raised through them is the engine's.
 ENGINE_PATHS = ("reference_impl/", "harness/mutations/")
@@ -40,7 +43,7 @@ def worker_failure(err: WorkerError, side: str, setup_id: str) -> tuple[str, str
         return "error", f"infrastructure: {where} lost its peers or resources: {exception}"
     if frame is None:
         return "error", f"infrastructure: {where} raised outside the engine: {exception}"
-    return "fail", f"engine raised in {where}: {exception} (at {frame})\n\n{err.detail}"
+    return "fail", f"{ENGINE_RAISED} in {where}: {exception} (at {frame})\n\n{err.detail}"
 
 
 def _last_line(text: str) -> str:
@@ -71,8 +74,7 @@ def rank_disagreement(run: EngineRun) -> str | None:
     return None
 
 
-_PATTERNS = ("first", "middle", "final")
-_COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
+_COLLECTIVES = tuple(COLLECTIVES)
 
 
 def sp_matches(ranks: Sequence[RankReport]) -> dict[str, Any] | None:
@@ -84,9 +86,9 @@ def sp_matches(ranks: Sequence[RankReport]) -> dict[str, Any] | None:
     for report in ranks:
         graphs: dict[str, dict[str, int]] = {}
         for step in report.steps:
-            counts = dict.fromkeys(_PATTERNS + _COLLECTIVES, 0)
+            counts = dict.fromkeys(SP_PATTERNS + _COLLECTIVES, 0)
             for piece in step["pieces"]:
-                for k in _PATTERNS:
+                for k in SP_PATTERNS:
                     counts[k] += int(piece["sp_matches"][k])
                 for k in _COLLECTIVES:
                     counts[k] += int(piece["collectives"][k])
@@ -103,7 +105,7 @@ def _sizes(per_rank: dict[str, dict[str, dict[str, int]]]) -> dict[str, list[int
         for name, counts in graphs.items():
             size = int(name.rsplit("=", 1)[1])
             seen.add(size)
-            if any(counts[k] for k in _PATTERNS):
+            if any(counts[k] for k in SP_PATTERNS):
                 applied.add(size)
     return {"sp_applied_sizes": sorted(applied), "sp_unapplied_sizes": sorted(seen - applied)}
 

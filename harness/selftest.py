@@ -14,6 +14,7 @@ from typing import Any
 from harness.case import CaseResult
 from harness.matrix import Matrix
 from harness.orchestrate import Orchestrator
+from harness.outcome import ENGINE_RAISED
 from harness.plan import PlannedCase, RunOptions, plan
 from harness.progress import Progress
 from harness.results import ResultStore, environment
@@ -80,7 +81,7 @@ class SelftestReport:
         token_failures = raised = invisible = 0
         for name, results in self.mutated.items():
             for r in self._hits(results):
-                if r.reason.startswith("engine raised"):
+                if r.reason.startswith(ENGINE_RAISED):
                     raised += 1
                     continue
                 loc = r.localization or {}
@@ -119,7 +120,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _short(r: CaseResult) -> str:
-    return r.setup + ("!" if r.reason.startswith("engine raised") else "")
+    return r.setup + ("!" if r.reason.startswith(ENGINE_RAISED) else "")
 
 
 def run_matrix(options: RunOptions, planned: Sequence[PlannedCase], out: Path, label: str) -> list[CaseResult]:

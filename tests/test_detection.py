@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from harness.case import CaseResult
 from harness.matrix import get_matrix
 from harness.orchestrate import Orchestrator
-from harness.plan import RunOptions, plan
+from harness.plan import PlannedCase, RunOptions, plan
+
+
+def run_cases(options: RunOptions, planned: Sequence[PlannedCase]) -> list[CaseResult]:
+    """The planned cases' results from one orchestrator, closed afterwards."""
+    orchestrator = Orchestrator(options)
+    try:
+        return [orchestrator.run_case(p) for p in planned]
+    finally:
+        orchestrator.close()
 
 
 def test_middle_slice_bug_caught_and_localized() -> None:
@@ -16,11 +28,7 @@ def test_middle_slice_bug_caught_and_localized() -> None:
     options = RunOptions(backend="mp", mutation="sp-middle-residual-slice")
     must_catch = ["prompt_embeds", "multimodal", "mixed"]
     planned = plan(get_matrix("smoke"), options, setups=["tp2-sp-graph-full"], scenarios=must_catch)
-    orchestrator = Orchestrator(options)
-    try:
-        results = {p.case.scenario: orchestrator.run_case(p) for p in planned}
-    finally:
-        orchestrator.close()
+    results = {r.scenario: r for r in run_cases(options, planned)}
     statuses = {name: r.status for name, r in results.items()}
     assert statuses == dict.fromkeys(must_catch, "fail"), statuses
     for name in must_catch:
@@ -41,31 +49,20 @@ def test_a_bug_every_setup_shares_fails_only_the_oracle_case_and_leaves_the_cach
     planned = plan(get_matrix("smoke"), options, scenarios=["prompt_embeds"])
     chosen = [p for p in planned if p.case.setup.id in ("tp2-eager", "tp1-pp1-eager")]
     assert [p.case.baseline_id for p in chosen] == ["tp1-pp1-eager", "hf"]
-    orchestrator = Orchestrator(options)
-    try:
-        mutated = {p.case.setup.id: orchestrator.run_case(p) for p in chosen}
-    finally:
-        orchestrator.close()
+    mutated = {r.setup: r for r in run_cases(options, chosen)}
     assert mutated["tp2-eager"].status == "pass", mutated["tp2-eager"].reason
     assert mutated["tp1-pp1-eager"].status == "fail"
     assert "step 0" in mutated["tp1-pp1-eager"].reason
-    clean = Orchestrator(RunOptions(backend="mp"))
-    try:
-        assert clean.run_case(chosen[0]).status == "pass"
-    finally:
-        clean.close()
+    [clean] = run_cases(RunOptions(backend="mp"), chosen[:1])
+    assert clean.status == "pass", clean.reason
 
 
 def test_an_engine_exception_is_a_fail_naming_rank_and_frame() -> None:
     """``sp-threshold-ignored-in-handoff`` makes the pipeline hand-off's row-count guard raise in
     the engine: the engine got the case wrong (``fail``), not the infrastructure (``error``)."""
     options = RunOptions(backend="mp", mutation="sp-threshold-ignored-in-handoff", localize=False)
-    [planned] = plan(get_matrix("smoke"), options, setups=["tp2-pp2-sp-graph-full-spmin16"], scenarios=["text"])
-    orchestrator = Orchestrator(options)
-    try:
-        result = orchestrator.run_case(planned)
-    finally:
-        orchestrator.close()
+    planned = plan(get_matrix("smoke"), options, setups=["tp2-pp2-sp-graph-full-spmin16"], scenarios=["text"])
+    [result] = run_cases(options, planned)
     assert result.status == "fail", result.reason
     assert result.reason.startswith("engine raised in candidate tp2-pp2-sp-graph-full-spmin16, rank ")
     assert "RuntimeError: pipeline hand-off" in result.reason
@@ -75,12 +72,8 @@ def test_an_engine_exception_is_a_fail_naming_rank_and_frame() -> None:
 def test_sp_threshold_above_every_step_fails_as_vacuous() -> None:
     """SP that never rewrote a graph compares SP-off with SP-off: it must not pass."""
     options = RunOptions(backend="mp")
-    [planned] = plan(get_matrix("smoke"), options, setups=["tp2-sp-graph-full-spmin512"], scenarios=["prompt_embeds"])
-    orchestrator = Orchestrator(options)
-    try:
-        result = orchestrator.run_case(planned)
-    finally:
-        orchestrator.close()
+    planned = plan(get_matrix("smoke"), options, setups=["tp2-sp-graph-full-spmin512"], scenarios=["prompt_embeds"])
+    [result] = run_cases(options, planned)
     assert result.status == "fail"
     assert result.reason.startswith("vacuous: SP never applied")
     assert result.sp_matches is not None and result.sp_matches["sp_applied_sizes"] == []

@@ -9,7 +9,7 @@ import torch
 import torch._dynamo
 
 from reference_impl.compile.backend import GraphCompiler
-from reference_impl.compile.config import CompileConfig, sp_active
+from reference_impl.compile.config import COLLECTIVES, SP_PATTERNS, CompileConfig, sp_active
 from reference_impl.compile.passes import NoOpEliminationPass, PassManager, SequenceParallelismPass
 from reference_impl.model import CausalLM, IntermediateTensors
 from reference_impl.parallel.groups import ParallelState
@@ -70,13 +70,6 @@ class CompiledModel:
             return IntermediateTensors(out[0], out[1])
         assert isinstance(out, torch.Tensor)
         return out
-
-
-# Collective ops as ``op_counts`` names them: what a rewritten graph has left.
-COLLECTIVES = {"all_reduce": "_c10d_functional.all_reduce.default",
-               "reduce_scatter": "_c10d_functional.reduce_scatter_tensor.default",
-               "all_gather": "_c10d_functional.all_gather_into_tensor.default"}
-SP_PATTERNS = ("first", "middle", "final")
 
 
 def reset_steps(model_fn: object) -> None:

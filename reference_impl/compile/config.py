@@ -6,6 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 COMPILE_MODES = ("eager", "graph", "inductor")
+# The sequence-parallelism pass's patterns, as its match counts name them.
+SP_PATTERNS = ("first", "middle", "final")
+# Collective ops as the pass manager's ``op_counts`` names them: what a rewritten graph has left.
+COLLECTIVES = {"all_reduce": "_c10d_functional.all_reduce.default",
+               "reduce_scatter": "_c10d_functional.reduce_scatter_tensor.default",
+               "all_gather": "_c10d_functional.all_gather_into_tensor.default"}
 PARTITIONS = ("full", "piecewise")
 # Static token-count buckets (like CUDA-graph capture sizes): each distinct padded size is one
 # Dynamo compile, so the set is bounded.

@@ -27,6 +27,7 @@ import torch
 from torch import fx
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_replacement
 
+from reference_impl.compile.config import SP_PATTERNS
 from reference_impl.compile.sp_ops import residual_rows
 from reference_impl.kernels import ops as kernel_ops
 from reference_impl.parallel import collectives
@@ -55,7 +56,7 @@ class SequenceParallelismPass:
 
     def __init__(self, tp: int, rank: int, group: str, dtype: torch.dtype, device: torch.device) -> None:
         self.tp, self.rank, self.group = tp, rank, group
-        self.counts = {"first": 0, "middle": 0, "final": 0}  # over every graph
+        self.counts = dict.fromkeys(SP_PATTERNS, 0)  # over every graph
         self.last_counts = dict(self.counts)  # of the last graph
         self._passes = {name: PatternMatcherPass(pass_name=f"sp_{name}") for name in self.counts}
         self._register(dtype, device)
