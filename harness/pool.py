@@ -10,6 +10,7 @@ from harness.launch.base import EngineRun, Launcher, WorkerError
 from harness.plan import available_devices
 from harness.setup import ParallelSetup
 from reference_impl.requests import Request, RequestOutput
+from reference_impl.runner import EngineConfig
 
 
 @dataclass
@@ -47,11 +48,13 @@ class LauncherPool:
         """Rank 0's outputs of ``setup`` on ``requests``."""
         return self.run_traced(setup, checkpoint, requests).outputs
 
-    def run_traced(self, setup: ParallelSetup, checkpoint: str, requests: list[Request]) -> EngineRun:
-        """``setup`` on ``requests``: the outputs and every rank's report."""
+    def run_traced(self, setup: ParallelSetup, checkpoint: str, requests: list[Request],
+                   engine: EngineConfig | None = None) -> EngineRun:
+        """``setup`` on ``requests`` (``engine``: other batching limits than the setup's): the
+        outputs and every rank's report."""
         launcher = self.get(setup.world_size)
         try:
-            return launcher.run_traced(setup.engine_spec(checkpoint), requests)
+            return launcher.run_traced(setup.engine_spec(checkpoint, engine), requests)
         except WorkerError:
             self.drop(setup.world_size)
             raise

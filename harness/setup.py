@@ -105,10 +105,13 @@ class ParallelSetup:
         return [name for name, fields in _FEATURES
                 if any(getattr(self, f) != getattr(other, f) for f in fields)]
 
-    def engine_spec(self, checkpoint: str) -> EngineSpec:
+    def engine_spec(self, checkpoint: str, engine: EngineConfig | None = None) -> EngineSpec:
+        """The engine of this setup; ``engine`` replaces the default batching limits (its
+        ``chunked_prefill`` is this setup's either way)."""
+        limits = engine or EngineConfig(MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS)
         return EngineSpec(
             checkpoint, self.tp, self.pp, self.dtype, self.device,
-            EngineConfig(MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, self.chunked_prefill),
+            replace(limits, chunked_prefill=self.chunked_prefill),
             CompileConfig(self.compile, self.partition, self.sp, self.sp_min_tokens),
         )
 

@@ -32,12 +32,21 @@ class Request:
     max_new_tokens: int = 16
     top_k: int = 5
     forced_tokens: tuple[int, ...] | None = None
+    prompt_logprobs: bool = False
+    score_ids: tuple[int, ...] | None = None
+    stop_token_ids: tuple[int, ...] = ()
 
     @property
     def prompt_len(self) -> int:
         if self.prompt_embeds is not None:
             return int(self.prompt_embeds.shape[0])
         return len(self.prompt_ids or ())
+
+    def score_id(self, pos: int) -> int:
+        """The prompt token at ``pos`` that prompt logprobs score."""
+        ids = self.score_ids if self.score_ids is not None else self.prompt_ids
+        assert ids is not None
+        return ids[pos]
 
     @property
     def kind(self) -> str:
@@ -48,13 +57,17 @@ class Request:
 
 @dataclass
 class RequestOutput:
-    """Per generated token: its id, its logprob, and the top-k ``(id, logprob)`` of that step."""
+    """Per generated token: its id, its logprob, and the top-k ``(id, logprob)`` of that step.
+    With ``Request.prompt_logprobs``: per prompt position 1..n-1 the logprob of that prompt token
+    and whether it was the greedy choice there."""
 
     request_id: str
     prompt_len: int
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_greedy: list[bool] = field(default_factory=list)
 
 
 def validate_request(req: Request, cfg: ModelConfig, max_model_len: int, dtype: torch.dtype) -> None:
@@ -81,7 +94,24 @@ def validate_request(req: Request, cfg: ModelConfig, max_model_len: int, dtype: 
         _check_ids(rid, req.forced_tokens, cfg.text.vocab_size)
     if req.prompt_embeds is not None:
         _check_embeds(rid, req.prompt_embeds, cfg.text.hidden_size, dtype)
+    _check_scoring(req, cfg.text.vocab_size)
     _check_images(req, cfg)
+
+
+def _check_scoring(req: Request, vocab: int) -> None:
+    rid = req.request_id
+    if req.score_ids is not None:
+        if req.prompt_embeds is None:
+            raise ValueError(f"request {rid}: score_ids are for prompt-embeds requests; token-id prompts "
+                             "score their own ids")
+        if len(req.score_ids) != req.prompt_len:
+            raise ValueError(f"request {rid}: {len(req.score_ids)} score_ids for a prompt of "
+                             f"{req.prompt_len} embeddings; give one per position")
+        _check_ids(rid, req.score_ids, vocab)
+    if req.prompt_logprobs and req.prompt_embeds is not None and req.score_ids is None:
+        raise ValueError(f"request {rid}: prompt_logprobs of a prompt-embeds request need score_ids "
+                         "(the tokens the embeddings stand for)")
+    _check_ids(rid, req.stop_token_ids, vocab)
 
 
 def _check_ids(rid: str, ids: tuple[int, ...], vocab: int) -> None:

@@ -65,17 +65,20 @@ class StageComm(Protocol):
 
     def send_intermediate(self, batch: StepBatch, out: IntermediateTensors) -> None: ...
 
-    def broadcast_samples(self, samples: SampledTokens | None, n: int, k: int) -> SampledTokens: ...
+    def broadcast_samples(self, samples: SampledTokens | None, n: int, k: int, m: int = 0) -> SampledTokens: ...
 
 
 @dataclass
 class SampledTokens:
-    """Greedy choices of one step: ``(n,)`` ids and logprobs, ``(n, k)`` top-k ids and logprobs."""
+    """Greedy choices of one step: ``(n,)`` ids and logprobs, ``(n, k)`` top-k ids and logprobs;
+    ``(m,)`` logprobs of the step's scored prompt tokens and whether each was the greedy one."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     top_ids: torch.Tensor
     top_logprobs: torch.Tensor
+    prompt_logprobs: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    prompt_greedy: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.bool))
 
 
 class LocalComm:
@@ -88,9 +91,17 @@ class LocalComm:
     def send_intermediate(self, batch: StepBatch, out: IntermediateTensors) -> None:
         raise RuntimeError("a single stage has nobody to send to")
 
-    def broadcast_samples(self, samples: SampledTokens | None, n: int, k: int) -> SampledTokens:
+    def broadcast_samples(self, samples: SampledTokens | None, n: int, k: int, m: int = 0) -> SampledTokens:
         assert samples is not None
         return samples
+
+
+def score_prompt(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (m, vocab), targets: (m,) -> (m,) logprob of each target and whether it is the
+    greedy choice (ties: lowest id, as in sampling)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, targets[:, None])[:, 0]
+    return chosen, torch.argmax(logprobs, dim=-1) == targets
 
 
 def sample_greedy(logits: torch.Tensor, k: int, forced: Sequence[int | None] = ()) -> SampledTokens:
@@ -195,12 +206,18 @@ class Runner:
         batch = self.build_batch(chunks)
         out = self.run_model(batch)
         n, k = len(batch.sample_rows), self._top_k(chunks)
+        scored = _scored_rows(batch)
         samples = None
         if self.comm.is_last:
             assert isinstance(out, torch.Tensor)
             logits = self.model.compute_logits(out[batch.sample_rows])
             samples = sample_greedy(logits, k, _forced(batch.chunks))
-        samples = self.comm.broadcast_samples(samples, n, k)
+            if scored:
+                rows = torch.tensor([r for r, _ in scored], device=out.device)
+                targets = torch.tensor([t for _, t in scored], device=out.device)
+                samples.prompt_logprobs, samples.prompt_greedy = score_prompt(
+                    self.model.compute_logits(out[rows]), targets)
+        samples = self.comm.broadcast_samples(samples, n, k, len(scored))
         self._record(batch, samples)
 
     # -- steps -----------------------------------------------------------------------------------
@@ -291,6 +308,30 @@ class Runner:
             out.token_ids.append(int(ids[i]))
             out.logprobs.append(float(lps[i]))
             out.top_logprobs.append(list(zip(top_ids[i][:k], top_lps[i][:k])))
+        if samples.prompt_logprobs.numel():
+            lps_p, greedy = samples.prompt_logprobs.tolist(), samples.prompt_greedy.tolist()
+            at = 0
+            for c in batch.chunks:
+                m = _num_scored(c)
+                c.seq.output.prompt_logprobs.extend(float(x) for x in lps_p[at:at + m])
+                c.seq.output.prompt_greedy.extend(bool(x) for x in greedy[at:at + m])
+                at += m
+
+
+def _num_scored(c: Chunk) -> int:
+    """Prompt rows of the chunk whose next token is a prompt token (position p scores p + 1)."""
+    if not c.seq.request.prompt_logprobs:
+        return 0
+    return max(0, min(c.start + c.num_tokens, c.seq.prompt_len - 1) - c.start)
+
+
+def _scored_rows(batch: StepBatch) -> list[tuple[int, int]]:
+    """(row, target id) of every prompt row the step scores, in chunk order."""
+    rows: list[tuple[int, int]] = []
+    for c, s in zip(batch.chunks, batch.metadata.seqs):
+        for i in range(_num_scored(c)):
+            rows.append((s.q_start + i, c.seq.request.score_id(c.start + i + 1)))
+    return rows
 
 
 def _forced(chunks: list[Chunk]) -> list[int | None]:

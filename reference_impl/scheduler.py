@@ -36,7 +36,9 @@ class SeqState:
 
     @property
     def finished(self) -> bool:
-        return len(self.output.token_ids) >= self.request.max_new_tokens
+        tokens = self.output.token_ids
+        stopped = bool(tokens) and tokens[-1] in self.request.stop_token_ids
+        return stopped or len(tokens) >= self.request.max_new_tokens
 
     def token_at(self, pos: int) -> int:
         """The token id at ``pos`` (prompt ids, then generated ids); 0 for embeds positions."""

@@ -60,10 +60,17 @@ class PipelineComm:
         dist.send(out.hidden_states.contiguous(), dst=dst)
         dist.send(residual.contiguous(), dst=dst)
 
-    def broadcast_samples(self, samples: SampledTokens | None, n: int, k: int) -> SampledTokens:
+    def broadcast_samples(self, samples: SampledTokens | None, n: int, k: int, m: int = 0) -> SampledTokens:
         if self.state.pp == 1:
             assert samples is not None
             return samples
+        src = self.state.stage_rank(self.state.pp - 1)
+        scored = torch.empty((m, 2), dtype=torch.float64, device=self.device)  # logprob, greedy
+        if m:
+            if samples is not None:
+                scored[:, 0] = samples.prompt_logprobs
+                scored[:, 1] = samples.prompt_greedy
+            dist.broadcast(scored, src=src, group=self.state.pp_group)
         # One float64 buffer (ids are exact in float64): (n, 2 + 2k).
         buf = torch.empty((n, 2 + 2 * k), dtype=torch.float64, device=self.device)
         if samples is not None:
@@ -71,9 +78,8 @@ class PipelineComm:
             buf[:, 1] = samples.logprobs
             buf[:, 2:2 + k] = samples.top_ids
             buf[:, 2 + k:] = samples.top_logprobs
-        src = self.state.stage_rank(self.state.pp - 1)
         dist.broadcast(buf, src=src, group=self.state.pp_group)
         if samples is not None:
             return samples
         return SampledTokens(buf[:, 0].long(), buf[:, 1].float(), buf[:, 2:2 + k].long(),
-                             buf[:, 2 + k:].float())
+                             buf[:, 2 + k:].float(), scored[:, 0].float(), scored[:, 1] > 0.5)
