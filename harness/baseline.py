@@ -67,7 +67,8 @@ def baseline_identity(baseline: EngineSpec | str) -> str:
 def requests_hash(requests: Sequence[Request]) -> str:
     chunks: list[bytes] = []
     for r in requests:
-        chunks.append(repr((r.request_id, r.prompt_ids, r.max_new_tokens, r.top_k, r.forced_tokens)).encode())
+        chunks.append(repr((r.request_id, r.prompt_ids, r.max_new_tokens, r.top_k, r.forced_tokens,
+                            r.prompt_logprobs, r.score_ids, r.stop_token_ids)).encode())
         for t in ([r.prompt_embeds] if r.prompt_embeds is not None else []) + list(r.images):
             chunks.append(str(t.dtype).encode() + t.detach().float().cpu().numpy().tobytes())
     return _sha(*chunks)

@@ -144,10 +144,3 @@ def _skip_reason(case: Case, cfg: Any, limit: int | None) -> str | None:
         except ValueError as exc:
             return f"{setup.id} does not fit {case.model}: {exc}"
     return None
-
-
-def shard(planned: list[PlannedCase], index: int, count: int) -> list[PlannedCase]:
-    """Cases ``index, index + count, ...`` (``--shard I/N`` with 0 <= I < N)."""
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: need 0 <= I < N")
-    return planned[index::count]

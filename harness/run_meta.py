@@ -34,6 +34,7 @@ def run_settings(options: RunOptions, matrix: str, setups: Sequence[str], scenar
         "scenarios": list(scenarios),
         "model": options.model,
         "checkpoint_hash": _checkpoint_hash(options.model),
+        "engine_code": _engine_code(),
         "baseline": options.baseline,
         "policy": options.policy,
         "tolerances": asdict(tolerance_for(options.dtype)),
@@ -46,6 +47,14 @@ def run_settings(options: RunOptions, matrix: str, setups: Sequence[str], scenar
         "version": _version(),
         "git_sha": _git_sha(),
     }
+
+
+def _engine_code() -> str:
+    """The hash of the engine's source (the baseline cache's key part): runs with the same hash
+    ran the same engine code."""
+    from harness.baseline import engine_code_hash
+
+    return engine_code_hash()
 
 
 def _checkpoint_hash(model: str) -> str | None:

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from harness.case import CaseResult
@@ -48,9 +48,10 @@ def _run(args: argparse.Namespace) -> int:
 
     from harness.matrix import get_matrix
     from harness.orchestrate import Orchestrator
-    from harness.plan import RunOptions, plan, shard
+    from harness.plan import RunOptions, plan
     from harness.progress import Progress
     from harness.results import ResultStore, environment, exit_code
+    from harness.shards import durations, shard
     from parity.outputs import write_outputs
 
     torch.set_num_threads(1)
@@ -66,8 +67,14 @@ def _run(args: argparse.Namespace) -> int:
         allow_confounded=args.allow_confounded,
     )
     planned = plan(matrix, options, _csv(args.setups), _csv(args.scenarios))
+    if args.cases:
+        wanted_ids = _csv(args.cases) or []
+        unknown = sorted(set(wanted_ids) - {p.case.id for p in planned})
+        if unknown:
+            raise UsageError(f"--cases: {', '.join(unknown[:5])} not in matrix {matrix.name} for model {options.model}")
+        planned = [p for p in planned if p.case.id in set(wanted_ids)]
     if (sh := _shard(args.shard)) is not None:
-        planned = shard(planned, *sh)
+        planned = shard(planned, *sh, durations(Path(args.durations)) if args.durations else None)
     out = Path(args.resume or args.out)
     store = ResultStore(out)
     done = store.done_ids() if args.resume else set()
@@ -157,12 +164,14 @@ def _selftest(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from harness.matrix import MATRICES
-    from scenarios.models import MODELS
+    from scenarios.models import MODELS, SHIPPED_DESCRIPTIONS
     from scenarios.registry import SCENARIOS
 
     if args.what == "models":
         for name, spec in MODELS.items():
             print(f"{name:12s} {spec.description}")
+        for name, description in SHIPPED_DESCRIPTIONS.items():
+            print(f"{name:12s} {description}")
     elif args.what == "matrices":
         for m in MATRICES.values():
             print(f"{m.name:8s} {len(m.setups)} setups x {len(m.scenarios)} scenarios "
@@ -186,13 +195,23 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _matrix(args: argparse.Namespace) -> int:
+    """The matrix, or its shards (each with its case ids, estimated seconds and runner labels)."""
     from harness.matrix import get_matrix
 
     m = get_matrix(args.name)
     if args.shards < 1:
         raise UsageError(f"--shards {args.shards}: must be >= 1")
-    shards = [{"shard": f"{i}/{args.shards}", "matrix": m.name, "device": m.device, "dtype": m.dtype}
-              for i in range(args.shards)]
+    from harness.plan import RunOptions, plan
+    from harness.shards import costs, durations, partition, runner_labels
+
+    planned = plan(m, RunOptions(backend="mp", device=m.device, dtype=m.dtype, model=args.model))
+    measured = durations(Path(args.durations)) if args.durations else None
+    cost = costs(planned, measured)
+    shards = [{"shard": f"{i}/{args.shards}", "matrix": m.name, "model": args.model, "device": m.device,
+               "dtype": m.dtype, "runs_on": json.dumps(runner_labels(m.device, part)),
+               "cases": ",".join(p.case.id for p in part), "count": len(part),
+               "estimate_s": round(sum(cost[p.case.id] for p in part), 1)}
+              for i, part in enumerate(partition(planned, args.shards, measured))]
     if args.format == "github":
         print(json.dumps({"include": shards}))
     else:
@@ -204,21 +223,49 @@ def _matrix(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     """Merge run directories (everything is read before anything is written, so ``--out`` may be
     one of them) into ``results.jsonl``, ``summary.json``, ``junit.xml`` and ``index.html``."""
+    dirs = [Path(d) for d in args.dirs]
+    out = Path(args.out) if args.out else dirs[0]
+    code, index = report_dirs(dirs, out, [Path(p) for p in args.previous], args.window, args.allow_duplicates)
+    print(f"report: {index.resolve()}", file=sys.stderr)
+    return code
+
+
+def report_dirs(dirs: Sequence[Path], out: Path, previous: Sequence[Path] = (), window: int = 7,
+                allow_duplicates: bool = False) -> tuple[int, Path]:
+    """``parity report``: merge ``dirs`` into ``out`` (with the history against ``previous`` runs,
+    most recent first); the exit status and the index path."""
     from harness.results import environment, exit_code, merge, write_results
     from parity.outputs import write_outputs
 
-    dirs = [Path(d) for d in args.dirs]
-    for d in dirs:
+    for d in [*dirs, *previous]:
         if not (d / "results.jsonl").is_file():
             raise UsageError(f"{d} holds no results.jsonl")
-    merged = merge(dirs, allow_duplicates=args.allow_duplicates)  # DuplicateCaseError: exit 2
+    merged = merge(dirs, allow_duplicates=allow_duplicates)  # DuplicateCaseError: exit 2
     for o in merged.overridden:
         print(f"parity report: warning: {o.id} of {o.dir} overridden by {o.by}", file=sys.stderr)
-    out = Path(args.out) if args.out else dirs[0]
+    history = None
+    if previous:
+        from harness.history import RunStatuses, classify
+
+        run = merged.run() or {}
+        current = RunStatuses(str(out), (run.get("engine_code"), run.get("mutation")),
+                              {r.id: r.status for r in merged.results})
+        history = classify(current, [RunStatuses.read(p) for p in previous], window)
+        _print_history(history)
     write_results(out, merged.results)
-    index = write_outputs(out, merged.results, environment(), run=merged.run(), merged=merged)
-    print(f"report: {index.resolve()}", file=sys.stderr)
-    return exit_code(merged.results)
+    index = write_outputs(out, merged.results, environment(), run=merged.run(), merged=merged, history=history)
+    return exit_code(merged.results), index
+
+
+def _print_history(history: dict[str, Any]) -> None:
+    counts = Counter(c["class"] for c in history["cases"].values())
+    flaky = [case for case, c in history["cases"].items() if c["flaky"]]
+    print(f"parity report: against {len(history['previous'])} earlier run(s): {counts['new']} new, "
+          f"{counts['recurring']} recurring, {counts['fixed']} fixed, {len(flaky)} flaky", file=sys.stderr)
+    for case, c in history["cases"].items():
+        if c["class"] in ("new", "recurring", "fixed") or c["flaky"]:
+            tag = c["class"].upper() + (" FLAKY" if c["flaky"] else "")
+            print(f"  {tag:16s} {case} (bad in {c['failures']} of {c['runs']} runs)", file=sys.stderr)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -250,6 +297,35 @@ def _demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _accuracy(args: argparse.Namespace) -> int:
+    from harness.accuracy.run import DEFAULT_SETUPS, DEFAULT_TASKS, AccuracyOptions, run_accuracy
+    from reports.accuracy import render_accuracy
+
+    opts = AccuracyOptions(
+        setups=tuple(_csv(args.setups) or DEFAULT_SETUPS), baseline=args.baseline, model=args.model,
+        tasks=tuple(_csv(args.tasks) or DEFAULT_TASKS), input=args.input, limit=args.limit,
+        num_fewshot=args.num_fewshot, backend=args.backend, dtype=args.dtype, device=args.device,
+        mutation=args.mutation, batch_size=args.batch_size,
+        include_path=tuple(Path(p) for p in args.include_path) or AccuracyOptions.include_path,
+    )
+    if opts.mutation:
+        from harness.mutations import get_mutation
+
+        get_mutation(opts.mutation)  # an unknown name is a usage error before anything runs
+    out = Path(args.out)
+    doc, code = run_accuracy(opts, out)
+    index = render_accuracy(out, doc)
+    for entry in doc["setups"]:
+        acc = entry.get("accuracy")
+        shown = "" if acc is None else f"{100 * acc:.1f}% ({100 * entry['delta']:+.1f} pts), p={entry['p_value']:.3g}"
+        verdict = entry["verdict"].upper()
+        print(f"{entry['task']:16s} {entry['id']:28s} {verdict:12s} {shown}  {entry.get('reason', '')}")
+    for base in doc["baselines"]:
+        print(f"{base['task']:16s} {base['id']:28s} baseline     {100 * base['accuracy']:.1f}% of {base['n']}")
+    print(f"report: {index}")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fit", action="store_true",
                      help="replace each setup's TP degree by the nearest one the model's head counts allow "
                           "(e.g. tp2 -> tp3 for 9 heads); PP, SP and compile mode stay")
-    run.add_argument("--shard", help="I/N: run every N-th case starting at I")
+    run.add_argument("--shard", help="I/N: shard I of N (balanced by --durations, else by an estimate; "
+                     "the same partition as `parity matrix --shards N`)")
+    run.add_argument("--durations", metavar="DIR", help="an earlier run directory whose case times balance the shards")
+    run.add_argument("--cases", help="comma-separated case ids to run (of the matrix's plan), e.g. a shard's list")
     run.add_argument("--seed", type=int, default=0, help="input seed of the scenarios")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR: only cases not yet recorded")
     run.add_argument("--out", default="parity-out", help="output directory (default: parity-out)")
@@ -293,6 +372,27 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default="parity-selftest", help="output directory (default: parity-selftest)")
     st.set_defaults(func=_selftest)
 
+    acc = sub.add_parser("accuracy", help="an lm-eval task (gsm8k-style) on each setup against a baseline, "
+                         "with a paired test on the same documents")
+    acc.add_argument("--setups", help="comma-separated setup ids (default: tp2-sp-graph-full,tp2-pp2-sp-graph-full)")
+    acc.add_argument("--baseline", default="tp1-pp1-eager", help="the setup every other is compared with")
+    acc.add_argument("--model", default="gsm-llama", help="built-in model name or local HF checkpoint dir "
+                     "(needs a tokenizer)")
+    acc.add_argument("--tasks", help="comma-separated lm-eval tasks (default: gsm8k_parity; also gsm_choice)")
+    acc.add_argument("--include-path", action="append", default=[],
+                     help="more lm-eval task directories (the shipped scenarios/gsm/tasks is the default)")
+    acc.add_argument("--input", default="tokens", choices=["tokens", "embeds"],
+                     help="embeds: prompts go in as prompt-embeds computed outside the engine")
+    acc.add_argument("--limit", type=int, help="first N documents of each task")
+    acc.add_argument("--num-fewshot", type=int, help="default: the task's (gsm8k: 5)")
+    acc.add_argument("--backend", default="mp", choices=["ray", "mp"])
+    acc.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    acc.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    acc.add_argument("--mutation", help="inject a catalogued bug into the setups (not the baseline)")
+    acc.add_argument("--batch-size", type=int, default=64, help="documents per engine call")
+    acc.add_argument("--out", default="parity-accuracy", help="output directory (default: parity-accuracy)")
+    acc.set_defaults(func=_accuracy)
+
     lst = sub.add_parser("list", help="list matrices, setups, scenarios, mutations or models")
     lst.add_argument("what", choices=["matrices", "setups", "scenarios", "mutations", "models"])
     lst.set_defaults(func=_list)
@@ -300,12 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("matrix", help="print a matrix as JSON, or as a GitHub Actions matrix of shards")
     mat.add_argument("--name", required=True)
     mat.add_argument("--shards", type=int, default=1)
+    mat.add_argument("--model", default="tiny-llava", help="the model the shards will run (skips depend on it)")
+    mat.add_argument("--durations", metavar="DIR", help="an earlier run directory whose case times balance the shards")
     mat.add_argument("--format", default="json", choices=["json", "github"])
     mat.set_defaults(func=_matrix)
 
     rep = sub.add_parser("report", help="re-render (and merge) run directories into one report")
     rep.add_argument("dirs", nargs="+")
     rep.add_argument("--out", help="output directory (default: the first DIR)")
+    rep.add_argument("--previous", action="append", default=[], metavar="DIR",
+                     help="an earlier run (a nightly's merged directory) to classify failures against: new, "
+                          "recurring, fixed, flaky; repeat it for more runs, most recent first")
+    rep.add_argument("--window", type=int, default=7, help="runs looked at for flakiness (default 7)")
     rep.add_argument("--allow-duplicates", action="store_true",
                      help="let a case id recorded in several DIRs take the later DIR's record (listed in "
                           "the report) instead of refusing the merge")

@@ -10,8 +10,9 @@ import pytest
 from harness.baseline import BaselineCache
 from harness.case import Case
 from harness.matrix import MATRICES, get_matrix
-from harness.plan import RunOptions, plan, shard
+from harness.plan import RunOptions, plan
 from harness.setup import ParallelSetup
+from harness.shards import shard
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request
 

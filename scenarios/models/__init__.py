@@ -100,6 +100,16 @@ MODELS: dict[str, TinyModelSpec] = {
 }
 
 
+# Checkpoints shipped in the repository (trained, not built from a seed): name -> directory.
+SHIPPED: dict[str, Path] = {
+    "gsm-llama": Path(__file__).resolve().parent.parent / "gsm" / "checkpoint",
+}
+SHIPPED_DESCRIPTIONS = {
+    "gsm-llama": "Llama trained in the repository on generated grade-school word problems (gsm8k format), "
+                 "with a tokenizer: python -m scenarios.gsm.train",
+}
+
+
 def cache_root() -> Path:
     env = os.environ.get("PARITY_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "parity"
@@ -149,9 +159,12 @@ def build(spec: TinyModelSpec, out: Path) -> None:
 
 
 def checkpoint(name: str) -> Path:
-    """Path of the built checkpoint of a built-in model (building it on first use)."""
+    """Path of the built checkpoint of a built-in model (building it on first use), or of a
+    shipped one."""
+    if name in SHIPPED:
+        return SHIPPED[name]
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: built-in models are {sorted(MODELS)}")
+        raise ValueError(f"unknown model {name!r}: built-in models are {sorted([*MODELS, *SHIPPED])}")
     spec = MODELS[name]
     root = cache_root() / "models"
     final = root / f"{name}-{spec.digest()}"
@@ -172,12 +185,12 @@ def checkpoint(name: str) -> Path:
 
 def resolve(name_or_path: str) -> Path:
     """A built-in model name, or a local Hugging Face checkpoint directory."""
-    if name_or_path in MODELS:
+    if name_or_path in MODELS or name_or_path in SHIPPED:
         return checkpoint(name_or_path)
     path = Path(name_or_path)
     if (path / "config.json").is_file():
         return path
     raise ValueError(
-        f"{name_or_path!r} is neither a built-in model ({', '.join(sorted(MODELS))}) "
+        f"{name_or_path!r} is neither a built-in model ({', '.join(sorted([*MODELS, *SHIPPED]))}) "
         "nor a directory holding config.json"
     )
