@@ -478,6 +478,6 @@ __all__ = [
     "EXIT_FAIL", "EXIT_INFRA", "EXIT_NOTHING_RAN", "EXIT_OK", "EXIT_USAGE", "JUNIT_FILE", "RESULTS_FILE",
     "SUMMARY_FILE",
     "DuplicateCaseError", "Merged", "Override", "ResultStore", "dumps_line", "environment", "exit_code",
-    "format_divergence", "format_localization", "junit_tree", "merge", "read_results", "summary", "totals", "write_junit",
-    "write_results", "write_summary",
+    "format_divergence", "format_localization", "junit_tree", "merge", "read_results", "summary", "totals",
+    "write_junit", "write_results", "write_summary",
 ]

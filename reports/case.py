@@ -30,6 +30,10 @@ RECORD_DEFAULTS: dict[str, Any] = {"reason": "", "first_divergence": None, "loca
 STREAM_BEFORE, STREAM_AFTER = 3, 4
 # What the localizer's errors measure (harness.localize.ERROR_UNIT), for records that predate it.
 ERROR_UNIT = "relative: max |candidate - baseline| of a token row / max |baseline| of the tensor"
+# The comparator's divergence reasons (harness.compare.REASONS) in words.
+REASON_WORDS = {"token": "token flip", "logprob": "same token, logprob beyond atol",
+                "topk": "same token, top-k differs", "length": "different number of tokens",
+                "nonfinite": "non-finite logprob"}
 # History classes (summary.json's "history"): the tag a case gets.
 HISTORY_TAGS = {"new": "NEW", "recurring": "RECURRING"}
 
@@ -136,6 +140,13 @@ class CaseView:
         return lines[-1] if self.result["status"] == "error" else lines[0]
 
     @property
+    def largest_delta(self) -> str:
+        """The largest logprob difference of the case against its atol (``max_logprob_diff``), or ""."""
+        metrics = self.result["metrics"]
+        return f"max {against(metrics['max_logprob_diff'], metrics.get('atol'))}" if (
+            "max_logprob_diff" in metrics) else ""
+
+    @property
     def what(self) -> str:
         """What went wrong, in a few words: the localization, else the reason's headline."""
         if self.localization is not None:
@@ -194,14 +205,15 @@ def divergence_view(div: Mapping[str, Any], atol: Any = None) -> DivergenceView:
     """Format a divergence dict (``first_divergence`` or an entry of ``divergences``; missing keys
     show as a dash); ``atol``: the chosen-token tolerance its difference is measured against."""
     cand, base = div.get("candidate_token"), div.get("baseline_token")
-    texts = div.get("token_text") if isinstance(div.get("token_text"), dict) else {}
+    texts: Mapping[str, Any] = div["token_text"] if isinstance(div.get("token_text"), dict) else {}
     stream, note = _stream(div, texts)
     return DivergenceView(
         request_id=fmt(div.get("request_id")), step=fmt(div.get("step")),
         candidate_token=_token(cand, texts), baseline_token=_token(base, texts),
         candidate_logprob=fmt(div.get("candidate_logprob")), baseline_logprob=fmt(div.get("baseline_logprob")),
         logprob_diff=num(div.get("logprob_diff")), delta=against(div.get("logprob_diff"), atol),
-        reason=str(div.get("reason") or ""), detail=str(div.get("detail") or ""),
+        reason=REASON_WORDS.get(str(div.get("reason")), str(div.get("reason") or "")),
+        detail=str(div.get("detail") or ""),
         tolerated=bool(div.get("tolerated")), replayed=bool(div.get("replayed")), differs=cand != base,
         failing_in_request=int(div.get("failing_in_request") or 1),
         candidate_top_k=_top_k(div.get("candidate_top_k"), cand, base, texts),

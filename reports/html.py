@@ -256,7 +256,7 @@ def accuracy_view(doc: Mapping[str, Any] | None) -> AccuracyView | None:
                  for b in doc.get("baselines") or [] if isinstance(b, dict)]
     rows = []
     for s in setups:
-        changed = s.get("changed") if isinstance(s.get("changed"), dict) else {}
+        changed: Mapping[str, Any] = s["changed"] if isinstance(s.get("changed"), dict) else {}
         delta = as_float(s.get("delta"))
         rows.append([fmt(s.get("task", doc.get("task"))), fmt(s.get("id")), fmt(s.get("baseline")),
                      _pct(s.get("accuracy")), "—" if delta is None else f"{100 * delta:+.1f} pts",
