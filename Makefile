@@ -28,7 +28,7 @@ run: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/mypy --strict harness parity reference_impl scenarios
+	$(BIN)/mypy --strict harness parity reports reference_impl scenarios
 
 # pytest's exit 5 ("no tests collected") is not a failure.
 test: lint

@@ -8,6 +8,8 @@ from typing import Any
 from harness.setup import ParallelSetup
 
 STATUSES = ("pass", "fail", "error", "skip")
+# Record keys newer than the result-file format: written only when set, and optional on reading.
+OPTIONAL_KEYS = ("divergences",)
 HF_BASELINE = "hf"
 # The oracle case of every gate: the one-device eager engine against Hugging Face transformers.
 ORACLE_SETUP = "tp1-pp1-eager"
@@ -55,6 +57,9 @@ class CaseResult:
     sp_matches: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # Optional (records written before it lack the key): per request with a failing divergence,
+    # its first failing divergence with both token streams (``harness.divergences``).
+    divergences: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -65,7 +70,10 @@ class CaseResult:
         return cls(case.id, case.setup.id, case.baseline_id, case.scenario, case.model, status, **fields)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record; optional keys added after the format was first published
+        (``OPTIONAL_KEYS``) only when they hold something."""
+        data = asdict(self)
+        return {k: v for k, v in data.items() if not (k in OPTIONAL_KEYS and v is None)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CaseResult:

@@ -137,9 +137,12 @@ class Divergence:
     """Where a candidate and its baseline part ways, with what each side saw at that step.
 
     A side's token, logprob and top-k are ``None`` / empty when it has no token at ``step``
-    (reason ``"length"``). ``logprob_diff`` is ``|candidate_logprob - baseline_logprob|`` (of
-    different tokens when reason is ``"token"`` in a free-running walk), ``None`` when either
-    side is missing. For a flip, ``candidate_gap`` / ``baseline_gap`` are how far each side's own
+    (reason ``"length"``). ``logprob_diff`` is how far the two sides score the same token on the
+    same prefix: ``|candidate_logprob - baseline_logprob|`` when both chose the same token; for
+    a flip (``flip_logprob_diff``) the larger of the two tokens' differences where both sides
+    score the token (``None`` when neither does, or a side is missing), never a difference
+    between two different tokens; the metrics' ``max_logprob_diff`` includes it, so the two
+    agree. For a flip, ``candidate_gap`` / ``baseline_gap`` are how far each side's own
     token leads the other side's token there (``None``: the other token is not in that side's
     top-k). ``tolerated``: a near-tie flip the ``logprobs`` policy accepts. ``replayed``: found
     while walking the candidate's replay forced along the baseline's tokens.
@@ -224,7 +227,8 @@ class Verdict:
     found, in that order. ``replay``: ids of the requests whose free-running walk ended in a
     tolerated flip and that were not given a forced replay (their later steps are uncompared).
     ``metrics``: ``requests``, ``steps_compared``, ``steps_not_compared``, ``tokens_identical``,
-    ``max_logprob_diff`` (chosen token, same prefix; 0.0 when none), ``max_topk_diff`` (top-k ids
+    ``max_logprob_diff`` (the same token on both sides, same prefix: the chosen token's, and at a
+    flip the divergence's ``logprob_diff``; 0.0 when none), ``max_topk_diff`` (top-k ids
     listed on both sides), ``steps_over_atol``, ``divergent_requests`` (tokens or lengths
     differ), ``failing_requests``, ``tolerated_divergences``, ``replayed_requests``, ``atol``,
     ``near_tie``, ``dtype``.
@@ -353,6 +357,8 @@ def _walk(cand: RequestOutput, base: RequestOutput, rules: _Rules) -> _Walk:
         if cand.token_ids[step] != base.token_ids[step]:
             div = _flip(cand, base, step, rules, flips_so_far=0)
             walk.divergences.append(div)
+            if div.logprob_diff is not None:  # the flip step still shares the prefix
+                walk.diffs.append(div.logprob_diff)
             if div.tolerated:
                 walk.not_compared = steps - step - 1
             break
@@ -377,7 +383,10 @@ def _walk_forced(cand: RequestOutput, base: RequestOutput, rules: _Rules) -> _Wa
             continue
         greedy = forced_greedy(cand, step)
         if greedy != base.token_ids[step]:
-            walk.divergences.append(_flip(cand, base, step, rules, flips, greedy=greedy))
+            div = _flip(cand, base, step, rules, flips, greedy=greedy)
+            walk.divergences.append(div)
+            if div.logprob_diff is not None:
+                walk.diffs.append(div.logprob_diff)
             flips += 1
         _same_token(cand, base, step, rules, walk, replayed=True)
     return walk
@@ -447,7 +456,24 @@ def _flip(cand: RequestOutput, base: RequestOutput, step: int, rules: _Rules, fl
     tolerated = rules.policy == "logprobs" and near and flips_so_far < rules.max_flips
     replayed = greedy is not None
     return _divergence(cand, base, step, "token", tolerated, replayed=replayed, detail=detail,
-                       gaps=(c_gap, b_gap), candidate_token=c_tok)
+                       gaps=(c_gap, b_gap), candidate_token=c_tok,
+                       diff=flip_logprob_diff(cand, base, step, greedy))
+
+
+def flip_logprob_diff(cand: RequestOutput, base: RequestOutput, step: int, greedy: int | None = None
+                      ) -> float | None:
+    """At a flip, both sides still share the prefix, so each of the two tokens has a logprob on
+    both sides wherever that side lists it (its chosen logprob or its top-k): the larger
+    ``|Δ logprob|`` of the two tokens, ``None`` when neither token is scored by both sides.
+    ``greedy``: the candidate's own choice on a forced replay, whose output holds the baseline's
+    token with its logprob."""
+    b_tok = base.token_ids[step]
+    c_tok = cand.token_ids[step] if greedy is None else greedy
+    c_scores, b_scores = dict(_top_k(cand, step)), dict(_top_k(base, step))
+    c_scores[cand.token_ids[step]] = cand.logprobs[step]  # the forced token on a replay
+    b_scores[b_tok] = base.logprobs[step]
+    diffs = [abs(c_scores[t] - b_scores[t]) for t in (b_tok, c_tok) if t in c_scores and t in b_scores]
+    return max(diffs, default=None)
 
 
 def flip_gaps(cand: RequestOutput, base: RequestOutput, step: int, greedy: int | None = None
@@ -480,11 +506,13 @@ def _nonfinite(cand: RequestOutput, base: RequestOutput, step: int, walk: _Walk,
 def _divergence(
     cand: RequestOutput, base: RequestOutput, step: int, reason: str, tolerated: bool = False,
     replayed: bool = False, detail: str = "", gaps: tuple[float | None, float | None] = (None, None),
-    candidate_token: int | None = None,
+    candidate_token: int | None = None, diff: float | None = None,
 ) -> Divergence:
-    """A ``Divergence`` at ``step`` from both sides' records (a side past its end is missing)."""
+    """A ``Divergence`` at ``step`` from both sides' records (a side past its end is missing);
+    ``diff``: a flip's ``flip_logprob_diff`` (otherwise the chosen logprobs' difference)."""
     c_lp, b_lp = _at(cand.logprobs, step), _at(base.logprobs, step)
-    diff = abs(c_lp - b_lp) if c_lp is not None and b_lp is not None else None
+    if reason != "token":
+        diff = abs(c_lp - b_lp) if c_lp is not None and b_lp is not None else None
     return Divergence(
         request_id=cand.request_id,
         step=step,

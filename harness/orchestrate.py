@@ -14,6 +14,7 @@ from harness import outcome
 from harness.baseline import BaselineCache, hf_generate
 from harness.case import Case, CaseResult
 from harness.compare import compare
+from harness.divergences import divergence_records
 from harness.launch.base import EngineRun, WorkerError
 from harness.localize import localize_replay
 from harness.mutations import get_mutation
@@ -103,6 +104,7 @@ class Orchestrator:
                 raise _CaseOutcome("fail", problem)
             policy = outcome.policy_for(case, self.options.policy)
             verdict = compare(run.outputs, base, policy, self.options.dtype)
+            forced: dict[str, RequestOutput] = {}
             if verdict.replay:
                 replay_ids = verdict.replay
                 forced = self._side(case, "candidate", lambda: self.forced_replay(case, requests, base, replay_ids))
@@ -111,14 +113,16 @@ class Orchestrator:
             return CaseResult.for_case(case, ended.status, reason=ended.reason, sp_matches=matches,
                                        seconds=time.monotonic() - start)
         divergence = verdict.first_divergence.to_json() if verdict.first_divergence else None
-        localization = None
+        localization = divergences = None
+        if not verdict.passed:
+            divergences = divergence_records(verdict, run.outputs, base, forced, self.checkpoint)
         if not verdict.passed and divergence is not None and self.options.localize:
             localization = self.localize(case, requests, divergence["request_id"])
         metrics = {**verdict.metrics, "policy": policy, **({"sp_note": sp_note} if sp_note else {})}
         return CaseResult.for_case(
             case, "pass" if verdict.passed else "fail", reason="" if verdict.passed else verdict.message(),
             first_divergence=divergence, localization=localization, metrics=metrics,
-            sp_matches=matches, seconds=time.monotonic() - start,
+            sp_matches=matches, seconds=time.monotonic() - start, divergences=divergences,
         )
 
     def _side(self, case: Case, side: str, produce: Callable[[], _T]) -> _T:

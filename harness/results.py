@@ -389,6 +389,38 @@ def format_divergence(div: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def format_localization(loc: dict[str, Any] | None) -> str:
+    """A localization as one line (junit ``<failure>`` text): layer, tensor, token rows as
+    ranges, TP rank, PP stage, the error against the tolerance; or its note."""
+    if not loc:
+        return ""
+    if loc.get("layer") is None:
+        return f"localization: {loc.get('note') or 'none'}"
+    parts = [f"layer {loc['layer']}", f"tensor {loc.get('tensor')}"]
+    rows = loc.get("rows") or []
+    if rows:
+        from harness.localize import row_ranges  # (the engine's modules: only when there is a localization)
+
+        parts.append(f"rows {row_ranges(rows)} of {loc.get('num_tokens', '?')}")
+    ranks = loc.get("tp_ranks") or []
+    parts.append(f"TP rank {', '.join(map(str, ranks))}" if ranks else (loc.get("shard_note") or "TP rank n/a"))
+    if loc.get("pp_stage") is not None:
+        parts.append(f"PP stage {loc['pp_stage']}")
+    if isinstance(loc.get("max_error"), (int, float)):
+        parts.append(f"error {loc['max_error']:.3g} (relative; tolerance {loc.get('rtol')})")
+    if loc.get("note"):
+        parts.append(str(loc["note"]))
+    return "localization: " + ", ".join(parts)
+
+
+def format_other_divergences(divergences: Sequence[dict[str, Any]] | None) -> str:
+    """The diverging requests after the first, one line each (junit ``<failure>`` text)."""
+    lines = [f"request {d.get('request_id')} step {d.get('step')}: {d.get('reason')}, candidate token "
+             f"{d.get('candidate_token')!r} vs baseline token {d.get('baseline_token')!r} "
+             f"(|Δ logprob| {d.get('logprob_diff')})" for d in (divergences or [])[1:]]
+    return "\n".join([f"{len(lines)} more diverging requests:", *lines]) if lines else ""
+
+
 def _first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
 
@@ -404,7 +436,9 @@ def _testcase(suite: ET.Element, r: CaseResult) -> None:
     )
     if r.status == "fail":
         el = ET.SubElement(case, "failure", message=_xml_text(_first_line(r.reason) or "comparison failed"))
-        el.text = _xml_text("\n\n".join(t for t in (r.reason, format_divergence(r.first_divergence)) if t))
+        parts = (r.reason, format_localization(r.localization), format_divergence(r.first_divergence),
+                 format_other_divergences(r.divergences))
+        el.text = _xml_text("\n\n".join(t for t in parts if t))
     elif r.status == "error":
         el = ET.SubElement(case, "error", message=_xml_text(_last_line(r.reason) or "error"))
         el.text = _xml_text(r.reason)
@@ -444,6 +478,6 @@ __all__ = [
     "EXIT_FAIL", "EXIT_INFRA", "EXIT_NOTHING_RAN", "EXIT_OK", "EXIT_USAGE", "JUNIT_FILE", "RESULTS_FILE",
     "SUMMARY_FILE",
     "DuplicateCaseError", "Merged", "Override", "ResultStore", "dumps_line", "environment", "exit_code",
-    "format_divergence", "junit_tree", "merge", "read_results", "summary", "totals", "write_junit",
-    "write_results", "write_summary",
+    "format_divergence", "format_localization", "junit_tree", "merge", "read_results", "summary", "totals",
+    "write_junit", "write_results", "write_summary",
 ]

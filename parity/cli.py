@@ -252,8 +252,11 @@ def report_dirs(dirs: Sequence[Path], out: Path, previous: Sequence[Path] = (), 
                               {r.id: r.status for r in merged.results})
         history = classify(current, [RunStatuses.read(p) for p in previous], window)
         _print_history(history)
+    accuracy = next((json.loads((d / "accuracy.json").read_text()) for d in dirs if (d / "accuracy.json").is_file()),
+                    None)
     write_results(out, merged.results)
-    index = write_outputs(out, merged.results, environment(), run=merged.run(), merged=merged, history=history)
+    index = write_outputs(out, merged.results, environment(), run=merged.run(), merged=merged, history=history,
+                          accuracy=accuracy)
     return exit_code(merged.results), index
 
 

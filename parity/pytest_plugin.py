@@ -170,9 +170,17 @@ def _record(config: pytest.Config, result: CaseResult) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    out = session.config.getoption("--parity-out")
-    if out and _is_controller(session.config) and (Path(out) / "results.jsonl").is_file():
+    """Write the run directory's ``summary.json``, ``junit.xml`` and ``index.html`` as ``parity
+    run`` does, with the run's settings (so the report shows them and its reproduce commands)."""
+    config = session.config
+    out = config.getoption("--parity-out")
+    if out and _is_controller(config) and (Path(out) / "results.jsonl").is_file():
+        from harness.matrix import get_matrix
         from harness.results import ResultStore, environment
+        from harness.run_meta import run_settings
         from parity.outputs import write_outputs
 
-        write_outputs(Path(out), ResultStore(Path(out)).load(), environment())
+        matrix = get_matrix(config.getoption("--parity-matrix"))
+        run = run_settings(_options(config), matrix.name, list(matrix.setups), list(matrix.scenarios),
+                           ["pytest", *config.invocation_params.args])
+        write_outputs(Path(out), ResultStore(Path(out)).load(), environment(), run=run)

@@ -1,29 +1,32 @@
 """The self-contained HTML report of a run (``index.html``), rendered with jinja2 (autoescape on).
 
 It renders plain data, the records of the result files: each case as its ``results.jsonl`` line
-(``summary.json``'s ``"cases"``), and the run's settings, environment and merged inputs as
-``summary.json`` holds them. Everything the template shows is prepared here as plain view objects
-(strings and numbers, which the template escapes); the only pre-built markup is the per-layer
-error chart, an inline SVG whose text is escaped while it is built.
+(``summary.json``'s ``"cases"``), and the run's settings, environment, merged inputs, history
+and accuracy as ``summary.json`` / ``accuracy.json`` hold them. The page reads top-down: the
+verdict, a summary of the failures, the grid (setup x scenario) with filters, the failures
+grouped by where they start, errors, passes, skips, accuracy, timings, and last the settings and
+environment. Everything the template shows is prepared here and in ``reports.case`` as plain
+view objects; the only pre-built markup is the per-layer chart (``reports.chart``). The page's
+small script (filters, expand / collapse all) is inline: the file opens offline.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from markupsafe import Markup, escape
+
+from reports.case import CaseView, LocalizationView, Record, anchors, case_view
+from reports.chart import per_layer_chart
+from reports.format import as_float, fmt, num
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE = "index.html.j2"
 INDEX_FILE = "index.html"
-# Shown first in the header's environment table, in this order; other keys follow.
+# Shown first in the environment table, in this order; other keys follow.
 ENV_KEYS = ("git_sha", "device", "python", "torch", "transformers", "ray", "platform", "hostname",
             "cpu_count", "timestamp")
 # Columns of a merged report's inputs table after the directory: (heading, summary.json part, key);
@@ -34,77 +37,25 @@ INPUT_COLUMNS = (
     ("git sha", "environment", "git_sha"), ("host", "environment", "hostname"),
     ("time", "environment", "timestamp"),
 )
-# Detail sections, most severe first (skips are listed in their own table).
-DETAIL_ORDER = ("fail", "error", "pass")
 # A case record's statuses (the result files' contract, docs/harness.md), in the header's order.
 STATUSES = ("pass", "fail", "error", "skip")
-# A case record's optional keys with the value a missing one stands for.
-RECORD_DEFAULTS: dict[str, Any] = {"reason": "", "first_divergence": None, "localization": None,
-                                   "sp_matches": None, "metrics": {}, "seconds": 0.0}
+# Most severe first: a grid cell holding several cases takes the colour of its worst.
+SEVERITY = ("fail", "error", "pass", "skip")
+# The oracle case (harness.case.is_oracle): checks the one-device engine, no parallelism; a run
+# in which only oracle cases ran checked nothing it was asked about (the run's exit 4).
+ORACLE = ("tp1-pp1-eager", "hf")
+# Run settings on the header's one line, in this order (all of them are in the settings table).
+BRIEF_KEYS = ("matrix", "model", "dtype", "device", "backend", "baseline", "policy", "seed", "merged_from")
 
-# One case as the result files hold it: id, setup, baseline, scenario, model, status and the
-# optional keys of ``RECORD_DEFAULTS``.
-Record = dict[str, Any]
+__all__ = ["INDEX_FILE", "per_layer_chart", "render_html", "render_index", "report_view"]
 
 
 # --- view objects ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class TopKRow:
-    """One entry of a top-k list; ``mark`` is "candidate"/"baseline" when it is that side's token."""
-
-    rank: int
-    token: str
-    logprob: str
-    mark: str = ""
-
-
-@dataclass(frozen=True)
-class DivergenceView:
-    """A first divergence, formatted for display."""
-
-    request_id: str
-    step: str
-    candidate_token: str
-    baseline_token: str
-    candidate_logprob: str
-    baseline_logprob: str
-    logprob_diff: str
-    reason: str
-    tolerated: str
-    differs: bool
-    candidate_top_k: list[TopKRow]
-    baseline_top_k: list[TopKRow]
-    extra: list[tuple[str, str]]
-
-
-@dataclass(frozen=True)
-class CaseView:
-    """One case as the report shows it."""
-
-    result: Record
-    anchor: str
-    seconds: str
-    metrics: list[tuple[str, str]]
-    divergence: DivergenceView | None
-    localization: list[tuple[str, str]]
-    chart: Markup | None
-    sp: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def headline(self) -> str:
-        """One line for tooltips: a traceback's last line (the exception), else the reason's first."""
-        reason: str = self.result["reason"]
-        lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
-        if not lines:
-            return str(self.result["status"])
-        return lines[-1] if self.result["status"] == "error" else lines[0]
-
-
-@dataclass(frozen=True)
 class GridRow:
-    """One setup's row of a model's grid: its baselines and one cell (a list of cases) per scenario."""
+    """One setup's row of a model's grid: its baselines and one cell (the cases) per scenario."""
 
     setup: str
     baselines: str
@@ -121,6 +72,16 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class FailureGroup:
+    """Failed cases that start in the same place: the shared localization, shown once."""
+
+    anchor: str
+    label: str
+    localization: LocalizationView | None
+    cases: list[CaseView]
+
+
+@dataclass(frozen=True)
 class TimingRow:
     case: CaseView
     percent: float
@@ -134,195 +95,48 @@ class InputRow:
     cells: list[str]
 
 
+@dataclass(frozen=True)
+class AccuracyView:
+    """``accuracy.json`` (``parity accuracy``) as tables: the baselines and each setup against its own."""
+
+    overall: str
+    heading: str
+    baselines: list[list[str]]
+    setups: list[list[str]]
+    verdicts: list[str]
+
+
 @dataclass
 class ReportView:
     """Everything ``index.html.j2`` renders."""
 
     title: str
+    verdict: str  # "PASS" | "FAIL" | "ERROR" | "NOTHING RAN"
+    verdict_line: str
     totals: dict[str, int]
     total_seconds: str
     environment: list[tuple[str, str]]
     grids: list[Grid]
-    details: list[tuple[str, list[CaseView]]]
+    summary: list[CaseView]  # failures and errors, for the table on top
+    groups: list[FailureGroup]
+    errors: list[CaseView]
+    passes: list[CaseView]
     skipped: list[CaseView]
+    setups: list[str] = field(default_factory=list)  # the filters' choices
+    scenarios: list[str] = field(default_factory=list)
     timings: list[TimingRow] = field(default_factory=list)
     run: list[tuple[str, str]] = field(default_factory=list)  # the run settings table
+    brief: list[tuple[str, str]] = field(default_factory=list)  # its main settings, on one line
+    command: str = ""
     mutation: str = ""  # the injected mutation(s): a banner says failures are expected
     inputs: list[InputRow] = field(default_factory=list)  # a merge's input directories
     overridden: list[tuple[str, str, str]] = field(default_factory=list)  # (id, dir, later dir)
-
-
-# --- formatting --------------------------------------------------------------------------------
-
-
-def fmt(value: Any) -> str:
-    """A value as short display text: floats to 6 significant digits, containers as compact JSON."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, ensure_ascii=False, default=str)
-    return str(value)
-
-
-def fmt_token(token: Any) -> str:
-    """A token: ids as they are, text quoted so that whitespace is visible."""
-    return json.dumps(token, ensure_ascii=False) if isinstance(token, str) else fmt(token)
-
-
-def _kv_rows(data: dict[str, Any], skip: Sequence[str] = ()) -> list[tuple[str, str]]:
-    return [(str(k), fmt(v)) for k, v in data.items() if k not in skip]
-
-
-def _anchors(records: Sequence[Record]) -> list[str]:
-    """Unique HTML ids derived from the case ids."""
-    seen: dict[str, int] = {}
-    anchors = []
-    for r in records:
-        base = "case-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", r["id"])
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        anchors.append(base if n == 0 else f"{base}-{n}")
-    return anchors
-
-
-# --- divergence and localization ---------------------------------------------------------------
-
-_DIVERGENCE_KEYS = (
-    "request_id", "step", "candidate_token", "baseline_token", "candidate_top_k", "baseline_top_k",
-    "candidate_logprob", "baseline_logprob", "logprob_diff", "reason", "tolerated",
-)
-
-
-def _top_k(entries: Any, candidate: Any, baseline: Any) -> list[TopKRow]:
-    rows = []
-    for rank, entry in enumerate(entries or [], start=1):
-        pair = isinstance(entry, (list, tuple)) and len(entry) >= 2
-        token, logprob = (entry[0], entry[1]) if pair else (entry, None)
-        mark = "candidate" if token == candidate else "baseline" if token == baseline else ""
-        rows.append(TopKRow(rank, fmt_token(token), fmt(logprob), mark))
-    return rows
-
-
-def divergence_view(div: dict[str, Any]) -> DivergenceView:
-    """Format a ``first_divergence`` dict (missing keys show as a dash)."""
-    cand, base = div.get("candidate_token"), div.get("baseline_token")
-    return DivergenceView(
-        request_id=fmt(div.get("request_id")), step=fmt(div.get("step")),
-        candidate_token=fmt_token(cand), baseline_token=fmt_token(base),
-        candidate_logprob=fmt(div.get("candidate_logprob")),
-        baseline_logprob=fmt(div.get("baseline_logprob")),
-        logprob_diff=fmt(div.get("logprob_diff")), reason=str(div.get("reason") or ""),
-        tolerated=fmt(div.get("tolerated")), differs=cand != base,
-        candidate_top_k=_top_k(div.get("candidate_top_k"), cand, base),
-        baseline_top_k=_top_k(div.get("baseline_top_k"), cand, base),
-        extra=_kv_rows(div, skip=_DIVERGENCE_KEYS),
-    )
-
-
-def _as_float(value: Any) -> float | None:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
-def _scale(values: list[float | None]) -> tuple[bool, float, float]:
-    """(log scale?, low, high) for the finite values; log when all are positive and span > 1e3."""
-    finite = [v for v in values if v is not None]
-    if not finite:
-        return False, 0.0, 1.0
-    lo, hi = min(finite), max(finite)
-    if lo > 0 and hi / lo > 1e3:  # whole decades, so that the axis reads 1e-07 ... 0.01
-        return True, math.ceil(math.log10(lo)) - 1, math.ceil(math.log10(hi))
-    lo = min(lo, 0.0)
-    return False, lo, hi if hi > lo else lo + 1.0
-
-
-def _svg_text(x: float, y: float, text: str, cls: str = "tick", anchor: str = "end", tip: str = "") -> str:
-    title = f"<title>{escape(tip)}</title>" if tip else ""
-    return f'<text x="{x:.1f}" y="{y:.1f}" class="{cls}" text-anchor="{anchor}">{escape(text)}{title}</text>'
-
-
-def per_layer_chart(errors: Sequence[Any], highlight: int | None = None, height: int = 140) -> Markup:
-    """An inline SVG bar chart of per-layer errors; the ``highlight`` layer's bar is red, non-finite
-    or missing values are marked with a cross."""
-    values = [_as_float(v) for v in errors]
-    log, lo, hi = _scale(values)
-    bar, gap, left, top, bottom = 18, 4, 64, 10, 22
-    width = left + len(values) * (bar + gap) + gap
-    floor = height - bottom
-
-    def y(v: float) -> float:
-        t = ((math.log10(v) if log else v) - lo) / (hi - lo)
-        return floor - (floor - top) * min(max(t, 0.0), 1.0)
-
-    parts = [
-        f'<svg class="chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
-        f"<title>per-layer error{' (log scale)' if log else ''}</title>",
-        f'<line x1="{left}" y1="{floor}" x2="{width}" y2="{floor}" class="axis"/>',
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{floor}" class="axis"/>',
-        _svg_text(left - 4, top + 4, fmt(10**hi if log else hi)),
-        _svg_text(left - 4, floor, fmt(10**lo if log else lo)),
-    ]
-    if log:
-        parts.append(_svg_text(left - 4, (top + floor) / 2, "log"))
-    base_y = floor if log else y(max(lo, 0.0))
-    for i, (raw, v) in enumerate(zip(errors, values)):
-        x = left + gap + i * (bar + gap)
-        tip = f"layer {i}: {fmt(raw)}"
-        if v is None:
-            parts.append(_svg_text(x + bar / 2, floor - 4, "×", "nan", "middle", tip))
-        else:
-            y0, y1 = sorted((y(v), base_y))
-            cls = "bar hl" if i == highlight else "bar"
-            parts.append(f'<rect x="{x}" y="{y0:.1f}" width="{bar}" height="{max(y1 - y0, 1):.1f}" '
-                         f'class="{cls}"><title>{escape(tip)}</title></rect>')
-        if len(values) <= 40 or i % 5 == 0:
-            parts.append(_svg_text(x + bar / 2, height - 6, str(i), anchor="middle"))
-    parts.append("</svg>")
-    return Markup("".join(parts))
-
-
-def _chart(localization: dict[str, Any] | None) -> Markup | None:
-    errors = (localization or {}).get("per_layer_error")
-    if not isinstance(errors, (list, tuple)) or not errors:
-        return None
-    layer = (localization or {}).get("layer")
-    return per_layer_chart(errors, layer if isinstance(layer, int) and not isinstance(layer, bool) else None)
+    previous: list[str] = field(default_factory=list)  # history: the earlier runs compared with
+    fixed: list[str] = field(default_factory=list)  # history: failing before, passing now
+    accuracy: AccuracyView | None = None
 
 
 # --- building the view -------------------------------------------------------------------------
-
-
-def case_view(record: Record, anchor: str) -> CaseView:
-    r = {**RECORD_DEFAULTS, **record}
-    loc = r["localization"] or {}
-    return CaseView(
-        result=r, anchor=anchor, seconds=f"{r['seconds']:.2f}", metrics=_kv_rows(r["metrics"]),
-        divergence=divergence_view(r["first_divergence"]) if r["first_divergence"] else None,
-        localization=_kv_rows(loc, skip=("per_layer_error",)) if r["localization"] else [],
-        chart=_chart(r["localization"]), sp=sp_rows(r["sp_matches"]),
-    )
-
-
-def sp_rows(matches: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """The SP record of a compiled case: applied / unapplied step sizes, then per rank each step
-    graph's matches (first / middle / final) and the collectives left (all-reduce, reduce-scatter,
-    all-gather)."""
-    if not matches:
-        return []
-    rows = [("SP rewrote steps of", ", ".join(map(str, matches.get("sp_applied_sizes", []))) or "none"),
-            ("left alone", ", ".join(map(str, matches.get("sp_unapplied_sizes", []))) or "none")]
-    for rank, graphs in matches.get("ranks", {}).items():
-        rows.append((f"rank {rank}", "; ".join(
-            f"{g}: SP {c['first']}/{c['middle']}/{c['final']}, AR {c['all_reduce']} RS {c['reduce_scatter']} "
-            f"AG {c['all_gather']}" for g, c in graphs.items())))
-    return rows
 
 
 def _unique(items: Sequence[str]) -> list[str]:
@@ -330,7 +144,8 @@ def _unique(items: Sequence[str]) -> list[str]:
 
 
 def grids(cases: Sequence[CaseView]) -> list[Grid]:
-    """One grid per model (in order of appearance): setups x scenarios."""
+    """One grid per model (in order of appearance): setups x scenarios; a cell holds every case of
+    its setup and scenario (several when a merge or explicit baselines give more than one)."""
     out = []
     for model in _unique([c.result["model"] for c in cases]):
         mine = [c for c in cases if c.result["model"] == model]
@@ -338,10 +153,50 @@ def grids(cases: Sequence[CaseView]) -> list[Grid]:
         rows = []
         for setup in _unique([c.result["setup"] for c in mine]):
             row = [c for c in mine if c.result["setup"] == setup]
-            cells = [[c for c in row if c.result["scenario"] == s] for s in scenarios]
+            cells = [sorted((c for c in row if c.result["scenario"] == s), key=lambda c: SEVERITY.index(
+                c.result["status"]) if c.result["status"] in SEVERITY else 0) for s in scenarios]
             rows.append(GridRow(setup, ", ".join(_unique([c.result["baseline"] for c in row])), cells))
         out.append(Grid(model, scenarios, rows))
     return out
+
+
+def failure_groups(failures: Sequence[CaseView]) -> list[FailureGroup]:
+    """Failures grouped by identical localization (layer, tensor, TP ranks, PP stage), or, not
+    localized, by the same note or reason headline; the largest group first."""
+    keyed: dict[tuple[Any, ...], list[CaseView]] = {}
+    for c in failures:
+        key = c.localization.key if c.localization is not None else ("what", c.what)
+        keyed.setdefault(key, []).append(c)
+    groups = sorted(keyed.values(), key=len, reverse=True)
+    return [FailureGroup(f"group-{i}", g[0].what, g[0].localization, g) for i, g in enumerate(groups)]
+
+
+def verdict(cases: Sequence[CaseView]) -> str:
+    """The run's verdict, as its exit code has it: FAIL (a case failed), ERROR (infrastructure
+    errors only), NOTHING RAN (no case ran, or only oracle cases while every parallel one was
+    skipped), PASS."""
+    statuses = [c.result["status"] for c in cases]
+    if "fail" in statuses:
+        return "FAIL"
+    if "error" in statuses:
+        return "ERROR"
+    parallel = [c for c in cases if (c.result["setup"], c.result["baseline"]) != ORACLE]
+    if "pass" not in statuses or (parallel and all(c.result["status"] == "skip" for c in parallel)):
+        return "NOTHING RAN"
+    return "PASS"
+
+
+def _verdict_line(totals: Mapping[str, int], cases: Sequence[CaseView], fixed: Sequence[str]) -> str:
+    ran = totals["pass"] + totals["fail"] + totals["error"]
+    parts = [f"{totals['fail']} of {ran} cases that ran failed" if totals["fail"] else f"{ran} cases ran"]
+    words = {"error": "error", "pass": "passed", "skip": "skipped"}
+    parts += [f"{totals[s]} {words[s]}{'s' if s == 'error' and totals[s] > 1 else ''}"
+              for s in ("error", "pass", "skip") if totals[s]]
+    tags = [t for c in cases if c.history is not None for t in c.history.tags]
+    parts += [f"{tags.count(t)} {t.lower()}" for t in ("NEW", "RECURRING", "FLAKY") if t in tags]
+    if fixed:
+        parts.append(f"{len(fixed)} fixed since the previous run")
+    return ", ".join(parts)
 
 
 def _environment_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
@@ -354,18 +209,16 @@ def _environment_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _timings(cases: Sequence[CaseView]) -> list[TimingRow]:
-    longest = max((c.result["seconds"] for c in cases), default=0.0) or 1.0
-    ordered = sorted(cases, key=lambda c: c.result["seconds"], reverse=True)
-    return [TimingRow(c, 100.0 * max(c.result["seconds"], 0.0) / longest) for c in ordered]
+    def seconds(c: CaseView) -> float:
+        return as_float(c.result["seconds"]) or 0.0
+
+    longest = max((seconds(c) for c in cases), default=0.0) or 1.0
+    return [TimingRow(c, 100.0 * max(seconds(c), 0.0) / longest) for c in sorted(cases, key=seconds, reverse=True)]
 
 
 def _setting(value: Any) -> str:
     """A run setting for display: a list of names comma-separated, anything else as ``fmt`` has it."""
     return ", ".join(map(str, value)) if isinstance(value, list) else fmt(value)
-
-
-def _run_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(str(k), _setting(v)) for k, v in run.items()]
 
 
 def _input_rows(inputs: Sequence[dict[str, Any]]) -> list[InputRow]:
@@ -384,24 +237,64 @@ def _mutations(run: dict[str, Any] | None, inputs: Sequence[dict[str, Any]]) -> 
     return ", ".join(_unique([str(r["mutation"]) for r in runs if isinstance(r, dict) and r.get("mutation")]))
 
 
+def _pct(value: Any) -> str:
+    x = as_float(value)
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def accuracy_view(doc: Mapping[str, Any] | None) -> AccuracyView | None:
+    """``accuracy.json``'s document as tables: per task the baselines, and each setup's accuracy,
+    delta, answers changed each way, McNemar p and verdict."""
+    if not doc:
+        return None
+    setups = [s for s in doc.get("setups") or [] if isinstance(s, dict)]
+    verdicts = [str(s.get("verdict")) for s in setups]
+    overall = ("fail" if "fail" in verdicts else "error" if "error" in verdicts
+               else "inconclusive" if "inconclusive" in verdicts or not verdicts else "pass")
+    heading = ", ".join(f"{k} {fmt(doc[k])}" for k in ("task", "model", "input", "dtype", "limit") if k in doc)
+    baselines = [[fmt(b.get("task")), fmt(b.get("id")), fmt(b.get("n")), _pct(b.get("accuracy")), fmt(b.get("seconds"))]
+                 for b in doc.get("baselines") or [] if isinstance(b, dict)]
+    rows = []
+    for s in setups:
+        changed: Mapping[str, Any] = s["changed"] if isinstance(s.get("changed"), dict) else {}
+        delta = as_float(s.get("delta"))
+        rows.append([fmt(s.get("task", doc.get("task"))), fmt(s.get("id")), fmt(s.get("baseline")),
+                     _pct(s.get("accuracy")), "—" if delta is None else f"{100 * delta:+.1f} pts",
+                     fmt(changed.get("to_wrong")), fmt(changed.get("to_correct")), num(s.get("p_value")),
+                     str(s.get("verdict")), fmt(s.get("reason", ""))])
+    return AccuracyView(overall, heading, baselines, rows, verdicts)
+
+
 def report_view(records: Sequence[Record], environment: dict[str, Any], title: str,
-                run: dict[str, Any] | None = None, merged: dict[str, Any] | None = None) -> ReportView:
+                run: dict[str, Any] | None = None, merged: dict[str, Any] | None = None,
+                history: dict[str, Any] | None = None, accuracy: dict[str, Any] | None = None) -> ReportView:
     """The view of the case ``records``; ``run``: the run's settings; ``merged``: a merge's
-    ``{"inputs": [{"dir", "run", "environment"}], "overridden": [{"id", "dir", "by"}]}``
-    (``summary.json``'s keys)."""
-    cases = [case_view(r, a) for r, a in zip(records, _anchors(records))]
+    ``{"inputs": [{"dir", "run", "environment"}], "overridden": [{"id", "dir", "by"}]}``;
+    ``history``: ``{"previous", "cases", "fixed"}``; ``accuracy``: ``accuracy.json``'s document
+    (all as ``summary.json`` / ``accuracy.json`` hold them)."""
+    cases = [case_view(r, a, run, history) for r, a in zip(records, anchors(records))]
     inputs: list[dict[str, Any]] = (merged or {}).get("inputs") or []
     overridden: list[dict[str, Any]] = (merged or {}).get("overridden") or []
     mutation = _mutations(run, inputs)
+    totals = {s: sum(c.result["status"] == s for c in cases) for s in STATUSES}
+    fixed = [str(f) for f in (history or {}).get("fixed") or []]
+    outcome = verdict(cases)
+    by_status = {s: [c for c in cases if c.result["status"] == s] for s in STATUSES}
+    run = run or {}
     return ReportView(
-        title=f"{title} — MUTATION RUN: {mutation}" if mutation else title,
-        totals={s: sum(c.result["status"] == s for c in cases) for s in STATUSES},
-        total_seconds=f"{sum(c.result['seconds'] for c in cases):.1f}",
+        title=f"{outcome} — {title}" + (f" — MUTATION RUN: {mutation}" if mutation else ""),
+        verdict=outcome, verdict_line=_verdict_line(totals, cases, fixed), totals=totals,
+        total_seconds=f"{sum(as_float(c.result['seconds']) or 0.0 for c in cases):.1f}",
         environment=_environment_rows(environment), grids=grids(cases),
-        details=[(s, [c for c in cases if c.result["status"] == s]) for s in DETAIL_ORDER],
-        skipped=[c for c in cases if c.result["status"] == "skip"], timings=_timings(cases),
-        run=_run_rows(run or {}), mutation=mutation, inputs=_input_rows(inputs),
+        summary=by_status["fail"] + by_status["error"], groups=failure_groups(by_status["fail"]),
+        errors=by_status["error"], passes=by_status["pass"], skipped=by_status["skip"],
+        setups=_unique([c.result["setup"] for c in cases]), scenarios=_unique([c.result["scenario"] for c in cases]),
+        timings=_timings(cases), run=[(str(k), _setting(v)) for k, v in run.items()],
+        brief=[(k, _setting(run[k])) for k in BRIEF_KEYS if run.get(k) is not None],
+        command=str(run.get("command") or ""), mutation=mutation, inputs=_input_rows(inputs),
         overridden=[(str(o.get("id")), str(o.get("dir")), str(o.get("by"))) for o in overridden],
+        previous=[str(p) for p in (history or {}).get("previous") or []], fixed=fixed,
+        accuracy=accuracy_view(accuracy),
     )
 
 
@@ -418,9 +311,11 @@ def _jinja() -> jinja2.Environment:
 def render_html(
     records: Sequence[Record], environment: dict[str, Any], title: str = "parity report",
     run: dict[str, Any] | None = None, merged: dict[str, Any] | None = None,
+    history: dict[str, Any] | None = None, accuracy: dict[str, Any] | None = None,
 ) -> str:
-    """The report as a string (``run``: the settings for the header; ``merged``: a merge's inputs)."""
-    view = report_view(records, environment, title, run, merged)
+    """The report as a string (``run``: the settings; ``merged``: a merge's inputs; ``history``:
+    the run's standing against earlier runs; ``accuracy``: an ``accuracy.json`` document)."""
+    view = report_view(records, environment, title, run, merged, history, accuracy)
     return _jinja().get_template(TEMPLATE).render(
         view=view, statuses=STATUSES, input_columns=[heading for heading, _, _ in INPUT_COLUMNS])
 
@@ -428,12 +323,14 @@ def render_html(
 def render_index(
     out_dir: Path, records: Sequence[Record], environment: dict[str, Any], title: str = "parity report",
     run: dict[str, Any] | None = None, merged: dict[str, Any] | None = None,
+    history: dict[str, Any] | None = None, accuracy: dict[str, Any] | None = None,
 ) -> Path:
     """Write the self-contained ``out_dir/index.html`` of the case ``records`` and return its path.
-    ``run``: the run's settings; ``merged``: a merge's inputs and overridden records (both as
-    ``summary.json`` has them)."""
+    ``run``: the run's settings; ``merged``: a merge's inputs and overridden records; ``history``:
+    ``{"previous": [dir, …], "cases": {id: {"class", "flaky", "failures", "runs"}}, "fixed": [id, …]}``;
+    ``accuracy``: ``parity accuracy``'s ``accuracy.json`` (all as ``summary.json`` holds them)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / INDEX_FILE
-    path.write_text(render_html(records, environment, title, run, merged), encoding="utf-8")
+    path.write_text(render_html(records, environment, title, run, merged, history, accuracy), encoding="utf-8")
     return path

@@ -442,3 +442,37 @@ def test_a_tie_in_the_forced_replay_is_not_a_flip() -> None:
     v = compare(cand, base, forced={"a": replay})
     assert v.passed, v.message()
     assert [d.step for d in v.divergences] == [1]
+
+
+def first_step_flip() -> tuple[list[RequestOutput], list[RequestOutput]]:
+    """Request "a" flips at step 0: no step before it agrees. On the shared prefix the baseline
+    scores its 50 at -0.3 and the candidate's 51 at -0.8; the candidate scores them -0.6 and -0.4."""
+    base = [output("a", [(50, -0.3, top((50, -0.3), (51, -0.8), (52, -3.0))),
+                         (60, -0.2, top((60, -0.2), (61, -2.0), (62, -3.0)))])]
+    cand = [output("a", [(51, -0.4, top((51, -0.4), (50, -0.6), (52, -3.0))),
+                         (70, -0.2, top((70, -0.2), (71, -2.0), (72, -3.0)))])]
+    return cand, base
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_flip_reports_the_same_tokens_difference_and_the_metrics_agree(policy: str) -> None:
+    """A flip's ``logprob_diff`` is the larger difference of one token scored by both sides (51:
+    |-0.4 - -0.8| = 0.4; 50: |-0.6 - -0.3| = 0.3), never the difference of two different tokens'
+    logprobs (|-0.4 - -0.3| = 0.1), and ``max_logprob_diff`` includes it: it said 0 for a case
+    whose only divergence was such a flip."""
+    cand, base = first_step_flip()
+    v = compare(cand, base, policy=policy)
+    assert not v.passed
+    d = v.first_divergence
+    assert d is not None and (d.step, d.reason) == (0, "token")
+    assert d.logprob_diff == pytest.approx(0.4)
+    assert v.metrics["max_logprob_diff"] == pytest.approx(0.4)
+
+
+def test_a_flip_whose_tokens_only_one_side_lists_has_no_difference() -> None:
+    cand, base = first_step_flip()
+    cand[0].top_logprobs[0] = [(51, -0.4), (53, -0.9), (52, -3.0)]  # the baseline's 50 not listed
+    base[0].top_logprobs[0] = [(50, -0.3), (54, -0.8), (52, -3.0)]  # the candidate's 51 not listed
+    v = compare(cand, base)
+    assert v.first_divergence is not None and v.first_divergence.logprob_diff is None
+    assert v.metrics["max_logprob_diff"] == 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.localize import ACTIVATION_RTOL, localize, owner_ranks
+from harness.localize import ACTIVATION_RTOL, localize, owner_ranks, row_ranges
 
 
 def _capture(layers: int, rows: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -52,3 +52,23 @@ def test_a_missing_layer_is_named() -> None:
     cand = {k: v for k, v in base.items() if not k.startswith("1.")}
     loc = localize(cand, base, tp=1, dtype="float32")
     assert loc["layer"] == 1 and "layer missing" in loc["note"]
+
+
+def test_per_tensor_errors_match_the_localized_error_and_the_stage_is_named() -> None:
+    base = _capture(4, 12)
+    cand = {k: v.clone() for k, v in base.items()}
+    cand["2.residual"][[0, 1, 2, 3, 8]] += 1.0
+    cand["2.hidden_states"][[0, 1, 2, 3, 8]] += 5.0  # larger than the localized tensor's error
+    loc = localize(cand, base, tp=2, dtype="float32", pp=2)
+    assert (loc["layer"], loc["tensor"], loc["pp_stage"], loc["pp"]) == (2, "residual", 1, 2)
+    assert loc["row_ranges"] == "0–3, 8"
+    assert loc["per_tensor_error"]["residual"][2] == loc["max_error"]
+    assert loc["per_layer_error"][2] == loc["per_tensor_error"]["hidden_states"][2] > loc["max_error"]
+    assert "relative" in loc["error_unit"]
+    assert localize(cand, base, tp=2, dtype="float32")["pp"] == 1
+    assert "pp_stage" not in localize(cand, base, tp=2, dtype="float32")
+
+
+def test_row_ranges() -> None:
+    assert row_ranges(list(range(16)) + list(range(32, 48))) == "0–15, 32–47"
+    assert row_ranges([]) == "" and row_ranges([4]) == "4" and row_ranges([2, 1]) == "1–2"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,37 @@ def parity_orchestrator():
         "*tiny-llava/tp2-sp-graph-full-text differs from baseline tp2-graph-full:*",
         "*request mm1 step 3: candidate token 352 vs baseline 279*",
     ])
+
+
+def test_parity_out_writes_the_report_of_parity_run(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """``--parity-out``: the same files as ``parity run --out``, the run's settings included (the
+    report's header and its reproduce commands come from them)."""
+    pytester.makeconftest("""
+import pytest
+from harness.case import CaseResult
+
+class FakeOrchestrator:
+    def run_case(self, planned):
+        return CaseResult.for_case(planned.case, "fail", reason="request mm1 step 3: differs",
+            localization={"layer": 0, "tensor": "residual", "rows": [0, 1, 2, 3], "tp_ranks": [1]})
+
+@pytest.fixture(scope="session")
+def parity_orchestrator():
+    return FakeOrchestrator()
+""")
+    pytester.makepyfile(test_m=CASE_TEST)
+    out = tmp_path / "out"
+    result = pytester.runpytest_subprocess("--parity-backend", "mp", "--parity-out", str(out),
+                                           "-k", "tp2-sp-graph-full-text")
+    result.assert_outcomes(failed=1)
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "junit.xml", "results.jsonl", "summary.json"]
+    run = json.loads((out / "summary.json").read_text(encoding="utf-8"))["run"]
+    assert (run["matrix"], run["model"], run["backend"]) == ("smoke", "tiny-llava", "mp")
+    assert run["command"].startswith("pytest ") and "--parity-out" in run["command"]
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "parity run --matrix smoke --setups tp2-sp-graph-full --scenarios text --model tiny-llava" in html
+    assert "layer 0 · residual · TP rank 1" in html
+    assert "localization: layer 0, tensor residual, rows 0–3" in (out / "junit.xml").read_text(encoding="utf-8")
 
 
 def test_skips_carry_reasons(pytester: pytest.Pytester) -> None:

@@ -1,5 +1,7 @@
 """The HTML report: self-contained, escaped, complete (ids, grid, divergence, top-k, SVG, skips, timings),
-rendered from the result files' plain records."""
+rendered from the result files' plain records; the review layout (verdict, failure summary, grouping,
+every diverging request with its token streams, ranges, reproduce commands, history, accuracy) and
+the junit failure text."""
 
 from __future__ import annotations
 
@@ -17,7 +19,13 @@ from harness.case import CaseResult
 from harness.results import Merged, Override
 from parity.outputs import write_outputs
 from reports import render_index
-from reports.html import per_layer_chart
+from reports.case import localization_view
+from reports.format import against, ranges, reproduce_command
+from reports.html import per_layer_chart, verdict
+
+from report_data import ACCURACY, HISTORY, review_records
+from report_data import ENV as REVIEW_ENV
+from report_data import RUN as REVIEW_RUN
 
 ENV = {"git_sha": "0123456789abcdef0123456789abcdef01234567", "python": "3.11.7", "torch": "2.13.0",
        "transformers": "5.0", "ray": None, "platform": "Linux", "cuda_devices": ["NVIDIA H200"]}
@@ -77,6 +85,8 @@ class Elements(HTMLParser):
             self._open.append((tag, text))
 
     def handle_endtag(self, tag: str) -> None:
+        if all(t != tag for t, _ in self._open):  # a void or self-closed element (<line/>)
+            return
         while self._open:
             if self._open.pop()[0] == tag:
                 break
@@ -107,7 +117,7 @@ def test_writes_index_html(tmp_path: Path) -> None:
     assert path == tmp_path / "out" / "index.html"
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>")
-    assert parse(text).find("title")[0][1] == "nightly parity"
+    assert parse(text).find("title")[0][1] == "FAIL — nightly parity"
 
 
 def test_contains_every_case_id(html: str) -> None:
@@ -147,8 +157,8 @@ def test_grid_cells_coloured_and_linked(html: str) -> None:
 
 def test_details_open_for_problems_collapsed_for_passes(html: str) -> None:
     doc = parse(html)
-    details = {a["class"]: ("open" in a) for a, _ in doc.find("details")}
-    assert details == {"case fail": True, "case error": True, "case pass": False}
+    details = {a["class"]: ("open" in a) for a, _ in doc.find("details", "case")}
+    assert details == {"case fail f": True, "case error f": True, "case pass f": False}
     assert len(doc.find("details", "pass")) == 2
 
 
@@ -172,7 +182,7 @@ def test_top_k_tables(html: str) -> None:
 def test_localization_table_and_svg(html: str) -> None:
     doc = parse(html)
     kv = " ".join(t for _, t in doc.find("table", "kv"))
-    assert "mlp.down_proj" in kv and "tp_rank" in kv and "[0, 12]" in kv
+    assert "mlp.down_proj" in kv and "TP rank" in kv and "0, 12 (2 rows" in kv
     assert html.count("<svg") == 1
     bars = doc.find("rect", "bar")
     assert len(bars) == 4  # the NaN layer has no bar
@@ -276,7 +286,7 @@ def test_mutation_banner_only_for_a_mutation_run(tmp_path: Path) -> None:
     for run in (RUN, None):
         clean = parse(render_index(tmp_path, sample(), ENV, run=run).read_text(encoding="utf-8"))
         assert clean.find("div", "mutation-banner") == []
-        assert clean.find("title")[0][1] == "parity report"
+        assert clean.find("title")[0][1] == "FAIL — parity report"
 
 
 def test_merged_report_lists_inputs_and_overrides(tmp_path: Path) -> None:
@@ -307,3 +317,207 @@ def test_write_outputs_writes_run_and_inputs_to_summary_and_report(tmp_path: Pat
     assert summary["inputs"] == [{"dir": "a", "run": RUN, "environment": ENV}]
     [(_, inputs)] = parse((tmp_path / "index.html").read_text(encoding="utf-8")).find("table", "inputs")
     assert "smoke" in inputs and "0123456789abcdef0123456789abcdef01234567" in inputs
+
+
+# --- the review layout: verdict, failure summary, grouping, streams, reproduce, history --------
+
+@pytest.fixture
+def review(tmp_path: Path) -> Elements:
+    path = render_index(tmp_path, review_records(), REVIEW_ENV, run=REVIEW_RUN, history=HISTORY, accuracy=ACCURACY)
+    return parse(path.read_text(encoding="utf-8"))
+
+
+def test_verdict_banner_and_title_say_the_outcome(tmp_path: Path, review: Elements) -> None:
+    [(attrs, banner)] = review.find("div", "verdict")
+    assert "FAIL" in attrs["class"] and banner.startswith("FAIL")
+    assert "3 of 9 cases that ran failed, 1 error, 5 passed, 1 skipped" in banner
+    assert review.find("title")[0][1].startswith("FAIL — ")
+
+    def outcome(*statuses: str, setup: str = "tp2-eager", baseline: str = "tp1-pp1-eager") -> str:
+        recs = [{**make(s, f"s{i}", setup=setup).to_json(), "baseline": baseline} for i, s in enumerate(statuses)]
+        return parse(render_index(tmp_path, recs, ENV).read_text(encoding="utf-8")).find("div", "verdict")[0][1]
+
+    assert outcome("pass", "skip").startswith("PASS")
+    assert outcome("pass", "error").startswith("ERROR")
+    assert outcome("skip").startswith("NOTHING RAN")
+    assert outcome().startswith("NOTHING RAN")
+    # Only the oracle case ran while the parallel case was skipped: the run's exit 4.
+    oracle = [{**make("pass", "text", setup="tp1-pp1-eager").to_json(), "baseline": "hf"},
+              make("skip", "text").to_json()]
+    assert parse(render_index(tmp_path, oracle, ENV).read_text(encoding="utf-8")).find(
+        "div", "verdict")[0][1].startswith("NOTHING RAN")
+    assert verdict([]) == "NOTHING RAN"
+
+
+def test_failure_summary_on_top_has_a_row_per_failure_and_error(review: Elements) -> None:
+    [(_, table)] = review.find("table", "summary")
+    rows = [t for a, t in review.find("tr", "f") if a.get("data-status") in ("fail", "error")]
+    assert len(rows) == 4
+    first = next(t for t in rows if "tp2-sp-graph-full-prompt_embeds" in t)
+    assert "pe0 step 0" in first and "+1 more requests" in first
+    assert '" Paris" ·17 → " Rome" ·42' in first
+    assert "Δ 0.201 = 201× atol 1e-3" in first
+    assert "layer 0 · residual · TP rank 1 · PP stage 0" in first
+    assert "RECURRING" in first
+    assert "rank 3 died" in table
+    # The summary comes before the grid, the environment after it.
+    order = [a["class"] for tag, a, _ in review.elements if tag == "table" and a.get("class") in ("summary", "grid", "kv env")]
+    assert order == ["summary", "grid", "kv env"]
+
+
+def test_failures_grouped_by_identical_localization(review: Elements) -> None:
+    groups = review.find("section", "group")
+    assert len(groups) == 2
+    first, second = (text.strip() for _, text in groups)
+    assert first.startswith("layer 0 · residual · TP rank 1 · PP stage 0 — 2 cases")
+    assert "tp2-sp-graph-full-prompt_embeds" in first and "tp2-sp-graph-full-mixed" in first
+    assert second.startswith("layer 2 · hidden_states · TP rank 0 · PP stage 1 — 1 case")
+    # The shared localization is shown once in the group; each case's own is folded away.
+    assert first.count("0–15, 32–47 (32 rows of 70 in the prefill step)") == 3
+    opened = [("open" in a) for a, _ in review.find("details", "fail")]
+    assert opened == [True, False, True]  # the first case of each group open
+
+
+def test_every_diverging_request_and_both_streams(review: Elements) -> None:
+    case = next(t for a, t in review.find("details", "fail") if "prompt_embeds" in a.get("data-scenario", ""))
+    [divs] = [t for _, t in review.find("table", "divs") if "pe1" in t]
+    assert "pe0" in divs and "pe1" in divs and "Δ 0.15 = 150× atol 1e-3" in divs
+    streams = [t for _, t in review.find("table", "stream")]
+    assert sum("request pe0" in t for t in streams) == 1 and sum("request pe1" in t for t in streams) == 1
+    pe0 = next(t for t in streams if "request pe0" in t)
+    assert '" Paris" ·17' in pe0 and '" Rome" ·42' in pe0 and '"w201" ·201' in pe0
+    # Without a tokenizer the streams show ids.
+    t1 = next(t for t in streams if "request t1" in t)
+    assert "20" in t1 and "45" in t1 and '"' not in t1
+    assert "token streams around each divergence" in case
+
+
+def test_localization_table_and_chart_show_the_same_numbers(review: Elements, tmp_path: Path) -> None:
+    group = review.find("section", "group")[1][1]
+    assert "error0.034 = 1,700× tolerance 2e-5" in group
+    text = render_index(tmp_path, review_records()[7:8], REVIEW_ENV).read_text(encoding="utf-8")
+    [svg] = [ET.fromstring(m) for m in re.findall(r"<svg.*?</svg>", text, re.S)]
+    [bar] = [r for r in svg.iter("rect") if "hl" in (r.get("class") or "").split()]
+    assert bar.findtext("title") == "layer 2 hidden_states: 0.034"
+    assert len(list(svg.iter("rect"))) == 2 * 4  # two tensors x four layers
+    # Axis labels and the tolerance line.
+    labels = [t for _, t in review.find("text", "label")]
+    assert "layer" in labels and any(label.startswith("relative error") for label in labels)
+    assert any(t == "tolerance 2e-5" for _, t in review.find("text", "tolabel"))
+    values = [t for _, t in review.find("table", "layers")]
+    assert any("0.034" in v for v in values)
+
+
+def test_row_lists_as_ranges() -> None:
+    assert ranges(list(range(16)) + list(range(32, 48))) == "0–15, 32–47"
+    assert ranges([5]) == "5" and ranges([]) == "" and ranges([3, 1, 2, 9, 10]) == "1–3, 9–10"
+    view = localization_view({"layer": 1, "tensor": "residual", "rows": [0, 1, 2, 7], "tp_ranks": [0, 1]})
+    assert view is not None and ("token rows", "0–2, 7 (4 rows in the prefill step)") in view.rows
+    assert view.label == "layer 1 · residual · TP rank 0, 1"
+
+
+def test_against_states_the_factor() -> None:
+    assert against(0.201, 1e-3) == "Δ 0.201 = 201× atol 1e-3"
+    assert against(3e-6, 1e-6) == "Δ 3e-6 = 3× atol 1e-6"
+    assert against(None, 1e-3) == "Δ n/a"
+    assert against(0.5, None) == "Δ 0.5"
+
+
+def test_reproduce_command_per_case(review: Elements) -> None:
+    rec = review_records()[4]
+    expected = ("parity run --matrix smoke --setups tp2-sp-graph-full --scenarios prompt_embeds --model tiny-llama "
+                "--baseline auto --dtype float32 --device cpu")
+    assert reproduce_command(rec, REVIEW_RUN) == expected
+    mutated = reproduce_command(rec, {**REVIEW_RUN, "mutation": "sp-middle-residual-slice", "backend": "mp", "seed": 3})
+    assert mutated == expected.replace("--baseline auto", "--baseline auto --mutation sp-middle-residual-slice") + \
+        " --backend mp --seed 3"
+    assert reproduce_command(rec, None) == ("parity run --setups tp2-sp-graph-full --scenarios prompt_embeds "
+                                            "--model tiny-llama --baseline tp2-graph-full")
+    assert expected in [t for _, t in review.find("code", "repro")]
+
+
+def test_history_tags_and_fixed_list(review: Elements, tmp_path: Path) -> None:
+    pills = {a["href"]: t for a, t in review.find("a", "pill")}
+    assert "RECURRING" in pills["#case-tiny-llama_tp2-sp-graph-full-prompt_embeds"]
+    assert "NEW" in pills["#case-tiny-llama_tp2-sp-graph-full-mixed"]
+    flaky = pills["#case-tiny-llama_tp2-pp2-sp-graph-full-text"]
+    assert "RECURRING" in flaky and "FLAKY" in flaky
+    assert "L2 hidden_states r0 s1" in flaky  # the localization tag
+    assert not any(tag in pills["#case-tiny-llama_tp2-eager-text"] for tag in ("NEW", "RECURRING", "FLAKY"))
+    [(_, fixed)] = review.find("div", "fixed")
+    assert "Fixed since the previous run (1)" in fixed and "tiny-llama/tp2-graph-full-text" in fixed
+    assert "1 new, 2 recurring, 1 flaky, 1 fixed since the previous run" in review.find("div", "verdict")[0][1]
+    # Without history: no tags, no list.
+    plain = parse(render_index(tmp_path, review_records(), REVIEW_ENV, run=REVIEW_RUN).read_text(encoding="utf-8"))
+    assert plain.find("span", "tag") == [] and plain.find("div", "fixed") == []
+
+
+def test_grid_aligned_when_a_cell_holds_two_cases(review: Elements) -> None:
+    [(_, grid)] = review.find("table", "grid")
+    rows = [a for tag, a, _ in review.elements if tag == "tr" and "data-setup" in a and "data-status" not in a]
+    assert len(rows) == 5  # five setups
+    cells = review.find("td", "cell") + review.find("td", "empty")
+    assert len(cells) == 5 * 3  # setups x scenarios: one td each, whatever it holds
+    assert sorted(t.count("pass") for _, t in review.find("td", "cell"))[-1] == 2  # tp2-eager x text
+    assert "tp2-eager" in grid
+
+
+def test_accuracy_section(review: Elements, tmp_path: Path) -> None:
+    [(_, table)] = review.find("table", "accuracy")
+    assert "tp2-eager" in table and "62.0%" in table and "+0.0 pts" in table
+    assert review.find("table", "accuracy-baselines")
+    plain = parse(render_index(tmp_path, review_records(), REVIEW_ENV).read_text(encoding="utf-8"))
+    assert plain.find("table", "accuracy") == []
+
+
+def test_filters_and_expand_collapse_controls(review: Elements) -> None:
+    boxes = [a["value"] for a, _ in review.find("input", "fstatus")]
+    assert boxes == ["pass", "fail", "error", "skip"]
+    options = [t for _, t in review.find("option")]
+    assert "tp2-pp2-sp-graph-full" in options and "prompt_embeds" in options and "every setup" in options
+    assert {a.get("id") for a, _ in review.find("button")} >= {"expand", "collapse"}
+    # Every case element carries what the filters select on.
+    for a, _ in review.find("details", "case"):
+        assert {"data-status", "data-setup", "data-scenario"} <= set(a)
+
+
+def test_environment_folded_below(review: Elements) -> None:
+    [(attrs, settings)] = review.find("details", "settings")
+    assert "open" not in attrs and "environment" in settings and "run settings" in settings
+
+
+def test_old_records_still_render(tmp_path: Path) -> None:
+    """A record from before ``divergences``, ``per_tensor_error`` and ``pp_stage``."""
+    old = make("fail", "text", reason="token mismatch", first_divergence=DIVERGENCE,
+               localization={"layer": 1, "tensor": "residual", "rows": [0, 1, 2], "tp_ranks": [0],
+                             "max_error": 0.5, "per_layer_error": [0.0, 0.5], "rtol": 2e-5},
+               metrics={"atol": 1e-3}).to_json()
+    assert "divergences" not in old
+    doc = parse(render_index(tmp_path, [old], ENV).read_text(encoding="utf-8"))
+    [(_, summary)] = doc.find("table", "summary")
+    assert "req-7 step 3" in summary and "Δ 2.25 = 2,250× atol 1e-3" in summary
+    assert "layer 1 · residual · TP rank 0" in summary
+    assert len(doc.find("rect", "bar")) == 2
+
+
+def test_junit_failure_carries_the_localization(tmp_path: Path) -> None:
+    recs = review_records()
+    results = [CaseResult.from_json(r) for r in recs]
+    write_outputs(tmp_path, results, ENV, run=REVIEW_RUN)
+    failures = {tc.get("classname", "") + "/" + tc.get("name", ""): tc.find("failure")
+                for tc in ET.parse(tmp_path / "junit.xml").getroot().iter("testcase")}
+    failure = failures["tiny-llama.tp2-sp-graph-full/prompt_embeds"]
+    assert failure is not None and failure.text
+    assert ("localization: layer 0, tensor residual, rows 0–15, 32–47 of 70, TP rank 1, PP stage 0, "
+            "error 0.201 (relative; tolerance 2e-05)") in failure.text
+    assert "1 more diverging requests:\nrequest pe1 step 0" in failure.text
+
+
+def test_write_outputs_passes_history_and_accuracy_to_the_report(tmp_path: Path) -> None:
+    results = [CaseResult.from_json(r) for r in review_records()]
+    index = write_outputs(tmp_path, results, ENV, run=REVIEW_RUN, history=HISTORY, accuracy=ACCURACY)
+    doc = parse(index.read_text(encoding="utf-8"))
+    assert doc.find("div", "fixed") and doc.find("table", "accuracy")
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert summary["cases"][4]["divergences"][1]["request_id"] == "pe1"
+    assert "divergences" not in summary["cases"][0]  # only where there are some
