@@ -10,7 +10,7 @@ import pytest
 
 from harness.matrix import get_matrix
 from harness.plan import RunOptions, plan
-from harness.shards import costs, partition, runner_labels, shard
+from harness.shards import costs, group_of, partition, runner_labels, shard
 from parity.cli import main
 
 
@@ -31,7 +31,14 @@ def test_partition_is_disjoint_complete_deterministic_and_balanced(count: int) -
         assert [p.case.id for p in part] == sorted((p.case.id for p in part), key=order.index)
     cost = costs(planned)
     loads = [sum(cost[p.case.id] for p in part) for part in parts]
-    assert max(loads) - min(loads) <= max(cost.values()) + 1e-9
+    group_cost: dict[str, float] = {}
+    for p in planned:
+        group_cost[group_of(p)] = group_cost.get(group_of(p), 0.0) + cost[p.case.id]
+    assert max(loads) - min(loads) <= max(group_cost.values()) + 1e-9
+    for part in parts:  # a setup's scenarios stay together: its engine is built in one shard
+        for other in parts:
+            if other is not part:
+                assert not {group_of(p) for p in part} & {group_of(p) for p in other}
 
 
 def test_measured_durations_balance_the_shards(tmp_path: Path) -> None:
@@ -43,7 +50,8 @@ def test_measured_durations_balance_the_shards(tmp_path: Path) -> None:
 
     parts = partition(planned, 3, durations(tmp_path))
     alone = next(part for part in parts if slow in {p.case.id for p in part})
-    assert [p.case.id for p in alone] == [slow]  # the 600 s case gets a shard to itself
+    # the 600 s case's setup gets a shard to itself
+    assert {group_of(p) for p in alone} == {group_of(planned[5])}
 
 
 def test_matrix_command_and_run_shards_agree(capsys: pytest.CaptureFixture[str]) -> None:
