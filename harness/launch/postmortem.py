@@ -105,17 +105,34 @@ def peak_rss(pid: int) -> int | None:
     return None
 
 
-def _cgroup_dir() -> Path | None:
-    """This process's cgroup v2 directory, or None (cgroup v1, or no /proc)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_dir(pid: int | str = "self", root: Path = CGROUP_ROOT) -> Path | None:
+    """The memory cgroup directory of process ``pid``: cgroup v1's memory controller when the
+    machine has one (``memory.limit_in_bytes``), else cgroup v2's (``memory.max``); None when
+    neither can be read."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     except OSError:
         return None
-    for line in lines:
+    for line in lines:  # v1: "4:memory:/path"
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            found = root / "memory" / path.lstrip("/")
+            if (found / "memory.limit_in_bytes").is_file():
+                return found
+    for line in lines:  # v2: "0::/path", mounted at the root or at root/unified
         if line.startswith("0::"):
-            path = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-            return path if path.is_dir() else None
+            for base in (root, root / "unified"):
+                found = base / line[3:].lstrip("/")
+                if (found / "memory.max").is_file():
+                    return found
     return None
+
+
+def _cgroup_dir() -> Path | None:
+    return cgroup_dir()
 
 
 def _read_int(path: Path) -> int | None:
@@ -139,15 +156,23 @@ def memory_limits(cgroup: Path | None = None) -> dict[str, int | None]:
                                   "cgroup_peak": None, "oom_kills": None}
     if cgroup is None:
         return out
-    out["cgroup_limit"] = _read_int(cgroup / "memory.max")  # "max" (no limit) reads as None
-    out["cgroup_current"] = _read_int(cgroup / "memory.current")
-    out["cgroup_peak"] = _read_int(cgroup / "memory.peak")
+    v1 = (cgroup / "memory.limit_in_bytes").is_file()
+    names = (("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.max_usage_in_bytes", "memory.oom_control")
+             if v1 else ("memory.max", "memory.current", "memory.peak", "memory.events"))
+    limit = _read_int(cgroup / names[0])  # v2's "max" (no limit) reads as None
+    out["cgroup_limit"] = limit if limit is not None and limit < UNLIMITED else None
+    out["cgroup_current"] = _read_int(cgroup / names[1])
+    out["cgroup_peak"] = _read_int(cgroup / names[2])
     with contextlib.suppress(OSError, ValueError):
-        for line in (cgroup / "memory.events").read_text().splitlines():
+        for line in (cgroup / names[3]).read_text().splitlines():
             key, _, value = line.partition(" ")
             if key == "oom_kill":
                 out["oom_kills"] = int(value)
     return out
+
+
+# cgroup v1 writes "no limit" as a huge number (PAGE_COUNTER_MAX pages, ~2**63 bytes).
+UNLIMITED = 2**62
 
 
 def mib(value: int | None) -> str:
@@ -162,13 +187,17 @@ class RankWatch:
     log_dir: Path
     pids: dict[int, int] = field(default_factory=dict)  # rank -> pid (processes on this host)
     peaks: dict[int, int] = field(default_factory=dict)  # rank -> peak RSS seen, bytes
-    cgroup: Path | None = field(default_factory=_cgroup_dir)
-    oom_kills: int | None = None
+    cgroups: dict[int, Path | None] = field(default_factory=dict)  # rank -> its memory cgroup
+    oom_kills: dict[int, int | None] = field(default_factory=dict)  # rank -> its cgroup's count at ``arm``
     _sampled: float = 0.0
 
     def arm(self) -> None:
-        """Before a call: remember the cgroup's OOM-kill count (a rise means the kernel killed)."""
-        self.oom_kills = memory_limits(self.cgroup)["oom_kills"]
+        """Before a call: each rank's memory cgroup and its OOM-kill count (a rise during the call
+        means the kernel's OOM killer acted)."""
+        for rank, pid in self.pids.items():
+            if rank not in self.cgroups:
+                self.cgroups[rank] = cgroup_dir(pid)
+            self.oom_kills[rank] = memory_limits(self.cgroups[rank])["oom_kills"]
 
     def sample(self, force: bool = False) -> None:
         """Record each rank's peak RSS (at most every ``SAMPLE_EVERY_S``)."""
@@ -184,12 +213,12 @@ class RankWatch:
     def memory_note(self, rank: int, killed: bool) -> str:
         """The rank's peak RSS against the limits, and whether it was probably killed for memory
         (``killed``: it died by SIGKILL)."""
-        limits = memory_limits(self.cgroup)
+        limits = memory_limits(self.cgroups.get(rank))
         peak = self.peaks.get(rank)
         figures = (f"peak RSS {mib(peak)} (rank {rank}), machine memory {mib(limits['machine_total'])}, "
                    f"cgroup limit {mib(limits['cgroup_limit']) if limits['cgroup_limit'] else 'none'}, "
                    f"cgroup usage {mib(limits['cgroup_current'])} (peak {mib(limits['cgroup_peak'])})")
-        before, after = self.oom_kills, limits["oom_kills"]
+        before, after = self.oom_kills.get(rank), limits["oom_kills"]
         if before is not None and after is not None and after > before:
             return (f"killed for memory: the kernel's OOM killer killed {after - before} process(es) in this "
                     f"cgroup during the call; {figures}")
