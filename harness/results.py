@@ -440,7 +440,10 @@ def _testcase(suite: ET.Element, r: CaseResult) -> None:
                  format_other_divergences(r.divergences))
         el.text = _xml_text("\n\n".join(t for t in parts if t))
     elif r.status == "error":
-        el = ET.SubElement(case, "error", message=_xml_text(_last_line(r.reason) or "error"))
+        # The harness's own reasons say what happened on their first line (the evidence follows:
+        # a rank's last output lines, every rank's stack); a bare traceback says it on its last.
+        summary_line = _first_line(r.reason) if r.reason.startswith("infrastructure:") else _last_line(r.reason)
+        el = ET.SubElement(case, "error", message=_xml_text(summary_line or "error"))
         el.text = _xml_text(r.reason)
     elif r.status == "skip":
         ET.SubElement(case, "skipped", message=_xml_text(r.reason))

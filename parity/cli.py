@@ -10,6 +10,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -124,7 +125,8 @@ def _run_cases(orchestrator: Orchestrator, todo: Sequence[PlannedCase], store: R
                progress: Progress) -> bool:
     """Run ``todo``, appending each result as it is final; True when Ctrl-C or SIGTERM stopped
     the run (every rank process is then killed at once, not asked to finish its call)."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         for p in todo:
             progress.begin(p.case.id)
@@ -136,7 +138,8 @@ def _run_cases(orchestrator: Orchestrator, todo: Sequence[PlannedCase], store: R
         orchestrator.abort()
         return True
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         orchestrator.close()
     return False
 
