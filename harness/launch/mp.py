@@ -10,7 +10,6 @@ others may be stuck in a collective) and raises ``WorkerError``; the next call s
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -24,7 +23,7 @@ from typing import Any, NoReturn
 import torch.multiprocessing as mp
 
 from harness.launch.base import EngineRun, WorkerError, free_port
-from harness.launch.postmortem import RankWatch, prepare_rank
+from harness.launch.postmortem import LOST_PEER, RankWatch, prepare_rank
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
@@ -39,8 +38,6 @@ CLOSE_TIMEOUT_S = 10.0
 # After a rank raised a communication error: how long to look for a peer that died, whose death
 # is then the cause reported (a SIGKILLed rank makes its gloo peers raise at once).
 PEER_GRACE_S = 1.0
-# A traceback that says a rank lost its connection to a peer.
-_LOST_PEER = re.compile(r"gloo|nccl|Connection (closed|reset|refused)|Broken pipe|DistNetworkError|DistBackendError")
 _POLL_S = 0.05
 # How often a rank checks that the driver that started it is still there.
 _ORPHAN_POLL_S = 1.0
@@ -151,7 +148,7 @@ class MpLauncher:
 
     def _raised(self, rank: int, text: str) -> NoReturn:
         """Rank ``rank`` raised: if it lost a peer that died, the death is the failure to report."""
-        dead = self._dead_peer(PEER_GRACE_S if _LOST_PEER.search(text) else 0.0)
+        dead = self._dead_peer(PEER_GRACE_S if LOST_PEER.search(text) else 0.0)
         if dead is not None and dead != rank:
             last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), "")
             self._died(dead, f"\n(rank {rank} then raised: {last.strip()})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import re
 import signal
 import sys
 import time
@@ -36,6 +37,10 @@ SAMPLE_EVERY_S = 0.5
 # A SIGKILLed rank whose peak RSS, or whose cgroup's usage, came this close to the memory limit
 # is reported as probably killed for memory even when the cgroup's OOM counter is unreadable.
 NEAR_LIMIT = 0.9
+
+# A traceback that says a rank lost its connection to a peer (a peer killed by SIGKILL makes its
+# gloo peers raise at once): the launchers then look for a dead peer, whose death is the cause.
+LOST_PEER = re.compile(r"gloo|nccl|Connection (closed|reset|refused)|Broken pipe|DistNetworkError|DistBackendError")
 
 _KEEP: list[IO[Any]] = []  # the rank's open log and stack files (faulthandler needs them open)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from harness.launch.base import EngineRun, WorkerError, free_port
-from harness.launch.postmortem import RankWatch, prepare_rank
+from harness.launch.postmortem import LOST_PEER, RankWatch, prepare_rank
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
@@ -37,6 +37,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # How long the driver waits for one call on all ranks when the caller names no timeout (the
 # orchestrator names one per case: ``harness.plan.case_timeout``).
 CALL_TIMEOUT_S = 600.0
+# After a rank raised a communication error: how long to wait for a peer's death to be reported
+# (Ray notices a dead actor process within about a second).
+PEER_GRACE_S = 3.0
 # How long the actors get to start (import torch, join the process group), like MpLauncher's.
 STARTUP_TIMEOUT_S = 300.0
 # How long to wait for the placement group's bundles to be reserved. A local cluster places them
@@ -372,12 +375,33 @@ class RayLauncher:
             for ref in ready:
                 rank = pending.pop(ref)
                 status, value = self._reply(ref)
-                if status == "died" and self.watch is not None and rank in self.watch.pids:
-                    value = f"{value}\n{self.watch.describe_death(rank, None, how='its actor process died')}"
+                if status == "raised" and pending and LOST_PEER.search(value):
+                    self._dead_peer(pending, rank, value)
+                if status == "died":
+                    value = self._death(rank, value)
                 if status != "ok":
                     self._fail(rank, value, status)
                 results[rank] = value
         return [results[rank] for rank in range(len(refs))]
+
+    def _death(self, rank: int, detail: str) -> str:
+        """Ray's word on a dead rank, with its memory and last output lines (ranks on this node)."""
+        if self.watch is None or rank not in self.watch.pids:
+            return detail
+        return f"{detail}\n{self.watch.describe_death(rank, None, how='its actor process died')}"
+
+    def _dead_peer(self, pending: dict[Any, int], rank: int, text: str) -> None:
+        """Rank ``rank`` raised on a lost connection: if a peer's actor died, raise its death
+        (the cause) instead; else return."""
+        import ray
+
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PEER_GRACE_S)
+        for ref in ready:
+            status, value = self._reply(ref)
+            if status == "died":
+                last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
+                dead = pending[ref]
+                self._fail(dead, f"{self._death(dead, value)}\n(rank {rank} then raised: {last})", "died")
 
     def _timed_out(self, silent: list[int], timeout: float) -> NoReturn:
         """A hang: every local rank's Python stack, then tear down and raise."""
