@@ -160,7 +160,8 @@ def test_run_with_a_hung_rank_times_out_with_stacks_and_goes_on(tmp_path: Path, 
     assert "--- rank 0" in reason and "--- rank 1" in reason
     assert "generate_with_fault" in reason.split("--- rank 1")[1]  # where rank 1 sleeps
     assert "reference_impl" in reason.split("--- rank 1")[0]  # rank 0: in the engine's collective
-    assert timeout <= float(hung["seconds"]) < timeout + 20  # type: ignore[arg-type]
+    # The deadline counts from the case's start; starting the pool's ranks has its own limit.
+    assert timeout - 1 <= float(hung["seconds"]) < timeout + 60  # type: ignore[arg-type]
     print(f"run took {elapsed:.1f}s")
 
 
