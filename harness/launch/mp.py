@@ -101,6 +101,7 @@ class MpLauncher:
             proc.start()
             self._procs.append(proc)
             self._conns.append(parent)
+            assert proc.pid is not None  # set by start()
             self.watch.pids[rank] = proc.pid
         self._collect(STARTUP_TIMEOUT_S)
 
