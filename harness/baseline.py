@@ -130,7 +130,8 @@ def hf_generate(checkpoint: str, requests: Sequence[Request], dtype: str = "floa
 
     cfg = load_config(checkpoint)
     cls: Any = tf.LlavaForConditionalGeneration if cfg.multimodal else tf.AutoModelForCausalLM
-    model = cls.from_pretrained(checkpoint, dtype=DTYPES[dtype]).to(device).eval()
+    # safetensors only: a checkpoint's pytorch_model.bin would be unpickled (code execution).
+    model = cls.from_pretrained(checkpoint, dtype=DTYPES[dtype], use_safetensors=True).to(device).eval()
     return [_hf_one(model, r, device) for r in requests]
 
 

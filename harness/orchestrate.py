@@ -21,6 +21,7 @@ from harness.mutations import get_mutation
 from harness.plan import PlannedCase, RunOptions
 from harness.pool import LauncherPool, make_room
 from harness.setup import ParallelSetup
+from harness.timeouts import case_timeouts
 from reference_impl.requests import Request, RequestOutput
 from scenarios.models import cache_root, resolve
 from scenarios.registry import get_scenario
@@ -52,6 +53,8 @@ class Orchestrator:
         self.cache = BaselineCache(cache_root() / "baselines")
         self.checkpoint = str(resolve(options.model))
         self._requests: dict[str, list[Request]] = {}
+        self.timeouts: dict[str, float] = {}  # case id -> seconds (``case_timeout``)
+        self._timeout: float | None = None
 
     def requests(self, scenario: str) -> list[Request]:
         """The scenario's requests, built once per run (every setup and every replay gets the same)."""
@@ -86,7 +89,29 @@ class Orchestrator:
         """Free the other pool's GPUs if ``user`` needs them for ``setup`` (``pool.make_room``)."""
         make_room(user, self.baseline_pool if user is self.pool else self.pool, setup.world_size)
 
+    def case_timeout(self, planned: PlannedCase) -> float:
+        """How long ``planned`` may run: ``--case-timeout``, or its expected cost with a margin
+        (``harness.timeouts``; ``timeouts``: precomputed per case id, e.g. from measured durations)."""
+        if planned.case.id in self.timeouts:
+            return self.timeouts[planned.case.id]
+        return case_timeouts([planned], self.checkpoint, override=self.options.case_timeout)[planned.case.id]
+
     def run_case(self, planned: PlannedCase) -> CaseResult:
+        """``_run_case`` under the case's deadline: a call still running at its end is a hang,
+        reported with every rank's stack (``harness.launch.postmortem``)."""
+        self._timeout = self.case_timeout(planned)
+        self.pool.deadline = self.baseline_pool.deadline = time.monotonic() + self._timeout
+        try:
+            return self._run_case(planned)
+        finally:
+            self.pool.deadline = self.baseline_pool.deadline = None
+
+    def abort(self) -> None:
+        """Kill every rank process of both pools now (Ctrl-C)."""
+        self.pool.abort()
+        self.baseline_pool.abort()
+
+    def _run_case(self, planned: PlannedCase) -> CaseResult:
         """Baseline, candidate, the checks of ``harness.outcome``, the comparison (with a forced
         replay after a tolerated flip) and, on failure, localization: one final ``CaseResult``."""
         case, start = planned.case, time.monotonic()
@@ -133,7 +158,7 @@ class Orchestrator:
         try:
             return produce()
         except WorkerError as exc:
-            raise _CaseOutcome(*outcome.worker_failure(exc, side, setup_id)) from exc
+            raise _CaseOutcome(*outcome.worker_failure(exc, side, setup_id, self._timeout)) from exc
         except (RuntimeError, TimeoutError, OSError) as exc:  # no resources, Ray, transformers
             raise _CaseOutcome("error", f"infrastructure: {side} {setup_id}: {type(exc).__name__}: {exc}") from exc
 

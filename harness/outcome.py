@@ -27,16 +27,24 @@ ENGINE_PATHS = ("reference_impl/", "harness/mutations/")
 # through engine frames too, so they are infrastructure whatever the traceback holds.
 INFRA_PATTERNS = re.compile(
     r"gloo|nccl|Connection (closed|reset|refused)|Broken pipe|Timed out|timed out|DistBackendError|"
-    r"DistNetworkError|ProcessGroup|rendezvous|Socket|CUDA out of memory|OutOfMemoryError",
+    r"DistNetworkError|ProcessGroup|rendezvous|Socket|CUDA out of memory|OutOfMemoryError|MemoryError",
 )
+# How a reason words each way a rank failed other than raising.
+KIND_WORDS = {"died": "died", "timeout": "timed out", "startup": "failed to start"}
 
 
-def worker_failure(err: WorkerError, side: str, setup_id: str) -> tuple[str, str]:
+def worker_failure(err: WorkerError, side: str, setup_id: str, case_timeout: float | None = None
+                   ) -> tuple[str, str]:
     """``(status, reason)`` for a ``WorkerError`` raised while ``side`` ("candidate" |
-    "baseline") ``setup_id`` ran: ``fail`` when engine code raised in a rank, else ``error``."""
-    where = f"{side} {setup_id}, rank {err.rank}"
+    "baseline") ``setup_id`` ran: ``fail`` when engine code raised in a rank, else ``error``
+    (``case_timeout``: the case's limit, named in the reason of a timeout)."""
+    where = f"{side} {setup_id}" + (f", rank {err.rank}" if err.rank >= 0 else "")
+    if err.kind == "timeout" and case_timeout is not None:
+        where += f" (case timeout {case_timeout:.0f}s)"
     if err.kind != "raised":
-        return "error", f"infrastructure: {where} {err.kind}: {_last_line(err.detail)}"
+        # The first line says what happened (signal, memory, which ranks were silent); the rest is
+        # the evidence: the rank's last output lines, or every rank's stack.
+        return "error", f"infrastructure: {where} {KIND_WORDS.get(err.kind, err.kind)}: {err.detail}"
     exception = _last_line(err.detail)
     frame = _engine_frame(err.detail)
     if INFRA_PATTERNS.search(exception):

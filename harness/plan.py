@@ -33,10 +33,17 @@ class RunOptions:
     localize: bool = True  # replay a failing case with activation capture (selftest turns it off)
     allow_confounded: bool = False  # accept an explicit baseline that differs in several features
     fit: bool = False  # --fit: move each setup's tp to the nearest the model takes (harness/fit.py)
+    case_timeout: float | None = None  # seconds a case may run (None: harness.timeouts derives it)
 
     def __post_init__(self) -> None:
         if self.backend not in ("ray", "mp"):
             raise ValueError(f"backend {self.backend!r}: choose 'ray' or 'mp'")
+        if self.case_timeout is not None and not self.case_timeout > 0:
+            raise ValueError(f"--case-timeout {self.case_timeout:g}: must be a positive number of seconds")
+        if self.seed < 0:
+            raise ValueError(f"--seed {self.seed}: must be >= 0")
+        if self.mutation is not None and self.fresh_workers:
+            raise ValueError("--mutation patches pooled workers; it cannot be combined with --fresh-workers")
 
 
 @dataclass(frozen=True)

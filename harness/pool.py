@@ -3,6 +3,7 @@ GPUs between a run's two pools (mutated candidates and clean baselines)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,9 @@ class LauncherPool:
     device: str
     fresh_workers: bool = False
     mutation: str | None = None  # applied inside every worker this pool starts
+    # When the current case must end (``time.monotonic()``; None: no limit): every call gets the
+    # time left as its timeout, and one still running then is a hang (``WorkerError`` "timeout").
+    deadline: float | None = None
     _launchers: dict[int, Launcher] = field(default_factory=dict)
 
     def get(self, world_size: int) -> Launcher:
@@ -31,7 +35,7 @@ class LauncherPool:
         if world_size not in self._launchers:
             launcher = self._new(world_size)
             if self.mutation is not None:
-                launcher.call("mutate", self.mutation)
+                launcher.call("mutate", self.mutation, timeout=self.time_left())
             self._launchers[world_size] = launcher
         return self._launchers[world_size]
 
@@ -44,6 +48,10 @@ class LauncherPool:
 
         return MpLauncher(world_size, self.device)
 
+    def time_left(self) -> float | None:
+        """Seconds until ``deadline`` (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
     def run(self, setup: ParallelSetup, checkpoint: str, requests: list[Request]) -> list[RequestOutput]:
         """Rank 0's outputs of ``setup`` on ``requests``."""
         return self.run_traced(setup, checkpoint, requests).outputs
@@ -54,7 +62,7 @@ class LauncherPool:
         outputs and every rank's report."""
         launcher = self.get(setup.world_size)
         try:
-            return launcher.run_traced(setup.engine_spec(checkpoint, engine), requests)
+            return launcher.run_traced(setup.engine_spec(checkpoint, engine), requests, timeout=self.time_left())
         except WorkerError:
             self.drop(setup.world_size)
             raise
@@ -66,7 +74,8 @@ class LauncherPool:
         """Every rank's activations of the requests' prefill under ``setup``."""
         launcher = self.get(setup.world_size)
         try:
-            out: list[dict[str, Any]] = launcher.call("capture", setup.engine_spec(checkpoint), requests)
+            out: list[dict[str, Any]] = launcher.call("capture", setup.engine_spec(checkpoint), requests,
+                                                      timeout=self.time_left())
         except WorkerError:
             self.drop(setup.world_size)
             raise
@@ -90,6 +99,12 @@ class LauncherPool:
     def close(self) -> None:
         for ws in list(self._launchers):
             self.drop(ws)
+
+    def abort(self) -> None:
+        """Kill every rank process now (Ctrl-C): no goodbye to workers that may be mid-call."""
+        launchers, self._launchers = list(self._launchers.values()), {}
+        for launcher in launchers:
+            launcher.abort()
 
 
 def make_room(user: LauncherPool, other: LauncherPool, world_size: int) -> None:

@@ -188,7 +188,7 @@ def write_results(out_dir: Path, results: Sequence[CaseResult]) -> Path:
     """Write ``out_dir/results.jsonl`` at once (a merge's records; runs append with ``ResultStore``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _atomic_write(out_dir / RESULTS_FILE, "".join(dumps_line(r) for r in results))
+    return atomic_write(out_dir / RESULTS_FILE, "".join(dumps_line(r) for r in results))
 
 
 def _repair_tail(path: Path) -> None:
@@ -233,7 +233,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _atomic_write(path: Path, text: str) -> Path:
+def atomic_write(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -356,7 +356,7 @@ def write_summary(out_dir: Path, results: Sequence[CaseResult], environment: dic
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = summary(results, environment, run, merged)
     text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
-    return _atomic_write(out_dir / SUMMARY_FILE, text + "\n")
+    return atomic_write(out_dir / SUMMARY_FILE, text + "\n")
 
 
 # --- junit.xml ---------------------------------------------------------------------------------
@@ -440,7 +440,10 @@ def _testcase(suite: ET.Element, r: CaseResult) -> None:
                  format_other_divergences(r.divergences))
         el.text = _xml_text("\n\n".join(t for t in parts if t))
     elif r.status == "error":
-        el = ET.SubElement(case, "error", message=_xml_text(_last_line(r.reason) or "error"))
+        # The harness's own reasons say what happened on their first line (the evidence follows:
+        # a rank's last output lines, every rank's stack); a bare traceback says it on its last.
+        summary_line = _first_line(r.reason) if r.reason.startswith("infrastructure:") else _last_line(r.reason)
+        el = ET.SubElement(case, "error", message=_xml_text(summary_line or "error"))
         el.text = _xml_text(r.reason)
     elif r.status == "skip":
         ET.SubElement(case, "skipped", message=_xml_text(r.reason))
@@ -471,13 +474,13 @@ def write_junit(out_dir: Path, results: Sequence[CaseResult], suite_name: str = 
     root = junit_tree(results, suite_name)
     ET.indent(root)
     text = ET.tostring(root, encoding="unicode", xml_declaration=True)
-    return _atomic_write(out_dir / JUNIT_FILE, text + "\n")
+    return atomic_write(out_dir / JUNIT_FILE, text + "\n")
 
 
 __all__ = [
     "EXIT_FAIL", "EXIT_INFRA", "EXIT_NOTHING_RAN", "EXIT_OK", "EXIT_USAGE", "JUNIT_FILE", "RESULTS_FILE",
     "SUMMARY_FILE",
-    "DuplicateCaseError", "Merged", "Override", "ResultStore", "dumps_line", "environment", "exit_code",
+    "DuplicateCaseError", "Merged", "Override", "ResultStore", "atomic_write", "dumps_line", "environment", "exit_code",
     "format_divergence", "format_localization", "junit_tree", "merge", "read_results", "summary", "totals",
     "write_junit", "write_results", "write_summary",
 ]

@@ -8,21 +8,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from harness.case import CaseResult
+    from harness.orchestrate import Orchestrator
     from harness.plan import PlannedCase, RunOptions
+    from harness.progress import Progress
+    from harness.results import ResultStore
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INFRA = 0, 1, 2, 3
 # harness.results.EXIT_NOTHING_RAN, repeated like the others: importing harness.results pulls in
 # torch (through harness.setup), which `parity --help` and `parity list` should not wait for.
 EXIT_NOTHING_RAN = 4
+# The run was interrupted (Ctrl-C, SIGTERM): what finished is kept; 128 + SIGINT, as shells do.
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(ValueError):
@@ -51,7 +58,9 @@ def _run(args: argparse.Namespace) -> int:
     from harness.plan import RunOptions, plan
     from harness.progress import Progress
     from harness.results import ResultStore, environment, exit_code
+    from harness.run_meta import run_settings
     from harness.shards import durations, shard
+    from parity import preflight
     from parity.outputs import write_outputs
 
     torch.set_num_threads(1)
@@ -64,9 +73,10 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend, device=args.device or matrix.device, dtype=args.dtype or matrix.dtype,
         baseline=args.baseline, model=args.model, fresh_workers=args.fresh_workers,
         mutation=args.mutation, seed=args.seed, policy=args.policy, fit=args.fit,
-        allow_confounded=args.allow_confounded,
+        allow_confounded=args.allow_confounded, case_timeout=args.case_timeout,
     )
     planned = plan(matrix, options, _csv(args.setups), _csv(args.scenarios))
+    preflight.check_model(options.model)
     if args.cases:
         wanted_ids = _csv(args.cases) or []
         unknown = sorted(set(wanted_ids) - {p.case.id for p in planned})
@@ -76,14 +86,47 @@ def _run(args: argparse.Namespace) -> int:
     if (sh := _shard(args.shard)) is not None:
         planned = shard(planned, *sh, durations(Path(args.durations)) if args.durations else None)
     out = Path(args.resume or args.out)
+    preflight.check_out_dir(out)
+    run = run_settings(options, matrix.name, _csv(args.setups) or list(matrix.setups),
+                       _csv(args.scenarios) or list(matrix.scenarios), sys.argv)
+    settings = preflight.resume_settings(run, [p.case.id for p in planned])
+    if args.resume:
+        preflight.check_resume(out, settings)
+    # Everything is checked: from here on the directory is written.
     store = ResultStore(out)
+    preflight.write_run_file(out, settings)
     done = store.done_ids() if args.resume else set()
     todo = [p for p in planned if p.case.id not in done]
     print(f"parity run: matrix {matrix.name}, {len(planned)} cases ({len(planned) - len(todo)} already done), "
           f"model {options.model}, backend {options.backend}, {options.device}/{options.dtype}, "
           f"baseline {options.baseline}, out {out}", file=sys.stderr)
-    progress = Progress(len(todo))
     orchestrator = Orchestrator(options)
+    if args.durations:  # measured case times: the timeouts follow them too (harness.timeouts)
+        from harness.timeouts import case_timeouts
+
+        orchestrator.timeouts = case_timeouts(planned, orchestrator.checkpoint, durations(Path(args.durations)),
+                                              options.case_timeout)
+    interrupted = _run_cases(orchestrator, todo, store, Progress(len(todo)))
+    wanted = {p.case.id for p in planned}
+    results = [r for r in store.load() if r.id in wanted]
+    index = write_outputs(out, results, environment(), run=run)
+    if interrupted:
+        print(f"parity run: interrupted; {len(results)} of {len(planned)} cases recorded, workers stopped; "
+              f"continue with --resume {out}\nreport: {index.resolve()}  (exit {EXIT_INTERRUPTED})", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    code = exit_code(results)
+    if code == EXIT_NOTHING_RAN:
+        _explain_nothing_ran(results, planned, options)
+    print(f"report: {index.resolve()}  (exit {code})", file=sys.stderr)
+    return code
+
+
+def _run_cases(orchestrator: Orchestrator, todo: Sequence[PlannedCase], store: ResultStore,
+               progress: Progress) -> bool:
+    """Run ``todo``, appending each result as it is final; True when Ctrl-C or SIGTERM stopped
+    the run (every rank process is then killed at once, not asked to finish its call)."""
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         for p in todo:
             progress.begin(p.case.id)
@@ -91,21 +134,19 @@ def _run(args: argparse.Namespace) -> int:
             store.append(result)
             note = result.reason.splitlines()[0][:160] if result.status in ("fail", "error", "skip") else ""
             progress.finish(p.case.id, result.status, result.seconds, note)
+    except KeyboardInterrupt:
+        orchestrator.abort()
+        return True
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         orchestrator.close()
-    wanted = {p.case.id for p in planned}
-    results = [r for r in store.load() if r.id in wanted]
-    from harness.run_meta import run_settings
+    return False
 
-    run = run_settings(options, matrix.name, _csv(args.setups) or list(matrix.setups),
-                       _csv(args.scenarios) or list(matrix.scenarios), sys.argv)
-    index = write_outputs(out, results, environment(), run=run)
-    code = exit_code(results)
-    if code == EXIT_NOTHING_RAN:
-        _explain_nothing_ran(results, planned, options)
-    print(f"report: {index.resolve()}  (exit {code})", file=sys.stderr)
-    return code
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a CI job cancelled) stops a run as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 def _explain_nothing_ran(results: Sequence[CaseResult], planned: Sequence[PlannedCase],
                          options: RunOptions) -> None:
@@ -329,9 +370,15 @@ def _accuracy(args: argparse.Namespace) -> int:
     return code
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``parity run: error: …``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a matrix of setups x scenarios against baselines")
@@ -358,7 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--durations", metavar="DIR", help="an earlier run directory whose case times balance the shards")
     run.add_argument("--cases", help="comma-separated case ids to run (of the matrix's plan), e.g. a shard's list")
     run.add_argument("--seed", type=int, default=0, help="input seed of the scenarios")
-    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR: only cases not yet recorded")
+    run.add_argument("--case-timeout", type=float, metavar="SECONDS",
+                     help="seconds a case may run before it is a hang (an error with every rank's stack); "
+                          "default: its expected cost with a margin (docs/reliability.md)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR: only cases not yet recorded "
+                     "(refused when DIR holds a run of another matrix, model or settings)")
     run.add_argument("--out", default="parity-out", help="output directory (default: parity-out)")
     run.set_defaults(func=_run)
 

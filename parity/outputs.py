@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.case import CaseResult
-from harness.results import Merged, summary, write_junit, write_summary
+from harness.results import Merged, atomic_write, summary, write_junit, write_summary
 from reports import render_index
 
 
@@ -26,7 +26,7 @@ def write_outputs(out_dir: Path, results: Sequence[CaseResult], environment: dic
         path = Path(out_dir) / "summary.json"
         doc_with_history = json.loads(path.read_text())
         doc_with_history["history"] = history
-        path.write_text(json.dumps(doc_with_history, indent=2) + "\n")
+        atomic_write(path, json.dumps(doc_with_history, indent=2) + "\n")
     write_junit(out_dir, results)
     doc = summary(results, environment, run, merged)
     inputs: dict[str, Any] = {key: doc[key] for key in ("inputs", "overridden") if key in doc}

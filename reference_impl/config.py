@@ -209,5 +209,14 @@ def load_config(path: str | Path) -> ModelConfig:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ValueError(f"{path} is not a Hugging Face checkpoint directory: no config.json")
-    with file.open() as f:
-        return config_from_dict(json.load(f))
+    try:
+        with file.open() as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: not a readable JSON file: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: not a JSON object")
+    try:
+        return config_from_dict(data)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{file}: a required field is missing or malformed: {exc}") from None

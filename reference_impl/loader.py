@@ -45,6 +45,49 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors headers (no weights read); ``ValueError``
+    naming the file when one is not a complete safetensors file."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} holds no *.safetensors weights")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as f:  # validates the header against the file's size
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    shapes[normalize_name(key)] = tuple(f.get_slice(key).get_shape())
+        except Exception as exc:  # safetensors raises its own SafetensorError, and OSError
+            raise ValueError(f"{file}: not a complete safetensors file ({type(exc).__name__}: {exc})") from None
+    return shapes
+
+
+def check_checkpoint(path: str | Path) -> ModelConfig:
+    """Check that ``path`` will load, without loading it: a supported config, complete
+    safetensors files, and every tensor the config implies present with its shape. ``ValueError``
+    names the first problem."""
+    path = Path(path)
+    cfg = load_config(path)
+    shapes = checkpoint_shapes(path)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    tied = cfg.text.tie_word_embeddings
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    if tied:
+        shapes.pop("lm_head.weight", None)
+    missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise ValueError(f"{path}: tensor {name} has shape {list(shapes[name])} in the checkpoint; "
+                             f"the config implies {list(shape)}")
+    return cfg
+
+
 def load_weights(model: CausalLM, state: dict[str, torch.Tensor]) -> None:
     """Copy every parameter from ``state``; a missing or unexpected tensor is an error."""
     tied = model.cfg.text.tie_word_embeddings

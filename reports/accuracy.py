@@ -37,5 +37,6 @@ def render_accuracy_html(doc: dict[str, Any]) -> str:
 def render_accuracy(out_dir: Path, doc: dict[str, Any], name: str = "index.html") -> Path:
     """Write ``out_dir/name`` (the accuracy report) and return its path."""
     path = Path(out_dir) / name
-    path.write_text(render_accuracy_html(doc), encoding="utf-8")
-    return path
+    from reports.html import write_atomic
+
+    return write_atomic(path, render_accuracy_html(doc))

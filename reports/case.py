@@ -132,12 +132,14 @@ class CaseView:
 
     @property
     def headline(self) -> str:
-        """One line: a traceback's last line (the exception), else the reason's first."""
+        """One line: an error's bare traceback's last line (the exception), else the reason's first
+        (the harness's ``infrastructure: …`` reasons say what happened first, then the evidence)."""
         reason: str = self.result["reason"]
         lines = [ln.strip() for ln in reason.splitlines() if ln.strip()]
         if not lines:
             return str(self.result["status"])
-        return lines[-1] if self.result["status"] == "error" else lines[0]
+        bare = self.result["status"] == "error" and not lines[0].startswith("infrastructure:")
+        return lines[-1] if bare else lines[0]
 
     @property
     def largest_delta(self) -> str:

@@ -12,6 +12,7 @@ small script (filters, expand / collapse all) is inline: the file opens offline.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,5 +333,16 @@ def render_index(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / INDEX_FILE
-    path.write_text(render_html(records, environment, title, run, merged, history, accuracy), encoding="utf-8")
+    return write_atomic(path, render_html(records, environment, title, run, merged, history, accuracy))
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader (a browser, a
+    CI upload) never sees half a report, and a killed run leaves the previous one whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return path

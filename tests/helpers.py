@@ -122,6 +122,30 @@ def exit_on_rank_1(worker: Any) -> None:
     time.sleep(COLLECTIVE_TIMEOUT.total_seconds())
 
 
+def kill_self_on_rank_1(worker: Any) -> None:
+    """Rank 1 prints a line, then its process is killed by SIGKILL (as the OOM killer or an
+    operator would), while rank 0 waits in a barrier that rank 1 never joins."""
+    import signal
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        print("rank 1: last words before SIGKILL", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+
+
+def hang_on_rank_1(worker: Any) -> None:
+    """Rank 1 never enters the collective (it sleeps); rank 0 waits in it."""
+    import time
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        time.sleep(3600)
+    dist.barrier()
+
+
 def gather_residual_probe(worker: Any) -> list[float]:
     """In a tp2 worker: the pipeline hand-off's gather of a shard whose rows hold ``rank + 1``."""
     from reference_impl.parallel import init_parallel
@@ -134,16 +158,45 @@ def gather_residual_probe(worker: Any) -> list[float]:
     return out
 
 
-TEST_OPERATIONS = {fn.__name__: fn for fn in (raise_on_rank_1, exit_on_rank_1, gather_residual_probe)}
+TEST_OPERATIONS = {fn.__name__: fn for fn in (raise_on_rank_1, exit_on_rank_1, kill_self_on_rank_1, hang_on_rank_1,
+                                               gather_residual_probe)}
+
+# A fault for a whole run (``parity run`` in a test): ``KIND:RANK:MARKER`` makes rank RANK, on its
+# first ``generate`` while the file MARKER does not exist, create MARKER and then be killed by
+# SIGKILL (``kill``) or sleep instead of generating (``hang``). The marker makes the fault strike
+# once: the pool rebuilt after it runs clean.
+FAULT_ENV = "PARITY_TEST_FAULT"
+
+
+def _faulty(generate: Any) -> Any:
+    def generate_with_fault(worker: Any, *args: Any) -> Any:
+        import signal
+        import time
+
+        kind, rank, marker = (os.environ.get(FAULT_ENV) or "::").split(":", 2)
+        if kind and worker.rank == int(rank) and not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            print(f"rank {worker.rank}: injected fault {kind!r} before generating", flush=True)
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)
+        return generate(worker, *args)
+
+    generate_with_fault.faulty = True  # type: ignore[attr-defined]
+    return generate_with_fault
 
 
 def add_test_operations() -> None:
-    """Give ``Worker`` the test operations, in this process only (a test's rank process)."""
+    """Give ``Worker`` the test operations, in this process only (a test's rank process), and a
+    ``generate`` that injects ``FAULT_ENV``'s fault when it is set."""
     from harness.launch.worker import Worker
 
     for name, fn in TEST_OPERATIONS.items():
         setattr(Worker, name, fn)
     Worker.OPERATIONS = Worker.OPERATIONS | set(TEST_OPERATIONS)
+    if not getattr(Worker.generate, "faulty", False):
+        Worker.generate = _faulty(Worker.generate)  # type: ignore[method-assign]
 
 
 # The launcher's own rank-process body (``use_test_operations`` replaces the module's name).

@@ -44,7 +44,7 @@ def test_an_exception_in_engine_code_is_a_fail_naming_rank_side_and_frame() -> N
     (GLOO_TRACEBACK, "raised", "lost its peers or resources: RuntimeError: [../third_party/gloo"),
     (HARNESS_TRACEBACK, "raised", "raised outside the engine: ValueError: spec needs 4 ranks"),
     ("the rank's actor died: SIGKILL", "died", "rank 0 died: the rank's actor died"),
-    ("no reply from ranks [0, 1] within 600s", "timeout", "timeout: no reply"),
+    ("no reply from ranks [0, 1] within 600s", "timeout", "timed out: no reply"),
     (ENGINE_TRACEBACK, "died", "died"),  # a dead process is never the engine's verdict
 ], ids=["peer-closed", "harness-code", "died", "timeout", "died-with-engine-text"])
 def test_infrastructure_failures_are_errors(detail: str, kind: str, words: str) -> None:
@@ -52,6 +52,16 @@ def test_infrastructure_failures_are_errors(detail: str, kind: str, words: str) 
     assert status == "error"
     assert reason.startswith("infrastructure: baseline tp1-pp1-eager, rank 0")
     assert words in reason
+
+
+def test_a_hang_names_the_case_timeout_and_keeps_every_ranks_stack() -> None:
+    detail = ("no reply from ranks [0, 1] within 30s (the case timeout); every rank's Python stack at that moment:\n"
+              "--- rank 0 (pid 11) stack ---\n  File \"x.py\", line 1 in barrier\n"
+              "--- rank 1 (pid 12) stack ---\n  File \"y.py\", line 2 in sleep_forever")
+    status, reason = worker_failure(WorkerError(-1, detail, "timeout"), "candidate", "tp2-eager", 30.0)
+    assert status == "error"
+    assert reason.startswith("infrastructure: candidate tp2-eager (case timeout 30s) timed out: no reply from ranks")
+    assert reason.endswith("line 2 in sleep_forever")  # the evidence is kept whole
 
 
 def test_unknown_failure_kind_is_refused() -> None:

@@ -59,15 +59,21 @@ class Launcher(Protocol):
 
     world_size: int
 
-    def call(self, method: str, *args: Any) -> list[Any]:
-        """The worker operation ``method`` (``Worker.dispatch``) on every rank; replies in rank order."""
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """The worker operation ``method`` (``Worker.dispatch``) on every rank; replies in rank
+        order. A call still running after ``timeout`` seconds (default: the launcher's) is a hang:
+        ``WorkerError`` of kind ``timeout`` with every rank's stack, and every rank is stopped."""
         ...
 
     def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]: ...
 
-    def run_traced(self, spec: EngineSpec, requests: Sequence[Request]) -> EngineRun: ...
+    def run_traced(self, spec: EngineSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun: ...
 
     def close(self) -> None: ...
+
+    def abort(self) -> None:
+        """Stop every rank now, without asking it to leave (Ctrl-C)."""
+        ...
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -20,7 +20,9 @@ class InProcessLauncher:
         self.device = device
         self._worker: Worker | None = None
 
-    def call(self, method: str, *args: Any) -> list[Any]:
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """``Worker.dispatch`` in this process (``timeout`` cannot apply: nothing here can be
+        stopped from outside; one device's engine has no collective to hang in)."""
         if self._worker is None:
             self._worker = Worker(0, 1, "127.0.0.1", 0, self.device)
         try:
@@ -30,7 +32,7 @@ class InProcessLauncher:
 
             raise WorkerError(0, traceback.format_exc()) from exc
 
-    def run_traced(self, spec: EngineSpec, requests: Sequence[Request]) -> EngineRun:
+    def run_traced(self, spec: EngineSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
         spec.validate()
         if spec.world_size != 1:
             raise ValueError(f"spec needs {spec.world_size} ranks; the in-process launcher has 1")
@@ -39,6 +41,9 @@ class InProcessLauncher:
     def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
         """``run_traced``'s outputs (rank 0's)."""
         return self.run_traced(spec, requests).outputs
+
+    def abort(self) -> None:
+        self.close()
 
     def close(self) -> None:
         if self._worker is not None:

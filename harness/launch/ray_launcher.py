@@ -16,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -25,14 +28,20 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from harness.launch.base import EngineRun, WorkerError, free_port
+from harness.launch.postmortem import LOST_PEER, RankWatch, prepare_rank
 from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
 # The repository root: on the actors' PYTHONPATH so they import harness, reference_impl, scenarios.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# How long the driver waits for one call on all ranks before declaring a hang. Generous, like
-# MpLauncher's: the Worker's own collective timeout (120 s) fires first for a stuck collective.
+# How long the driver waits for one call on all ranks when the caller names no timeout (the
+# orchestrator names one per case: ``harness.plan.case_timeout``).
 CALL_TIMEOUT_S = 600.0
+# After a rank raised a communication error: how long to wait for a peer's death to be reported
+# (Ray notices a dead actor process within about a second).
+PEER_GRACE_S = 3.0
+# How long the actors get to start (import torch, join the process group), like MpLauncher's.
+STARTUP_TIMEOUT_S = 300.0
 # How long to wait for the placement group's bundles to be reserved. A local cluster places them
 # in well under a second; longer means the cluster lacks the resources (or is busy elsewhere).
 PLACEMENT_TIMEOUT_S = 60.0
@@ -55,6 +64,8 @@ FORWARDED_ENV = ("TRITON_INTERPRET", "PARITY_CACHE", "NCCL_NVLS_ENABLE", "TORCH_
 # A rank's reply: ("ok", value), ("raised", traceback text) when its code raised, or
 # ("died", detail) when its process or task was lost.
 Reply = tuple[str, Any]
+# How Ray words an actor's death by its memory monitor (OutOfMemoryError, "OUT_OF_MEMORY").
+_RAY_OOM = re.compile(r"OUT_OF_MEMORY|OutOfMemoryError|memory monitor|running low on memory", re.IGNORECASE)
 
 
 @contextlib.contextmanager
@@ -169,8 +180,12 @@ class RankActor:
         """This node's IP (as Ray reports it) and a TCP port free on it, for rank 0 to listen on."""
         return _guarded(self._rendezvous)
 
-    def start(self, rank: int, world_size: int, master_addr: str, master_port: int, device: str) -> Reply:
-        """Build the ``Worker`` (joins the process group: every rank must be called together)."""
+    def start(self, rank: int, world_size: int, master_addr: str, master_port: int, device: str,
+              log_dir: str | None = None) -> Reply:
+        """Build the ``Worker`` (joins the process group: every rank must be called together);
+        ``log_dir``: where its output and, on ``postmortem.STACK_SIGNAL``, its stacks go."""
+        if log_dir is not None:
+            prepare_rank(log_dir, rank, ignore_sigint=False)
         return _guarded(self._start, rank, world_size, master_addr, master_port, device)
 
     def call(self, method: str, *args: Any) -> Reply:
@@ -231,6 +246,7 @@ class RayLauncher:
         self.master_port: int | None = None
         self._actors: list[Any] = []
         self._pg: Any = None
+        self.watch: RankWatch | None = None
 
     # -- placement ---------------------------------------------------------------------------
 
@@ -279,29 +295,41 @@ class RayLauncher:
         ensure_ray()
         self._pg = self._place()
         self._actors = [self._spawn(rank) for rank in range(self.world_size)]
-        [(addr, port)] = self._collect([self._actors[0].rendezvous.remote()])
+        self.watch = RankWatch(Path(tempfile.mkdtemp(prefix="parity-ranks-")))
+        self.watch.pids = self._local_pids(self._collect([a.info.remote() for a in self._actors], STARTUP_TIMEOUT_S))
+        [(addr, port)] = self._collect([self._actors[0].rendezvous.remote()], STARTUP_TIMEOUT_S)
         self.master_addr, self.master_port = addr, port
-        self._collect([actor.start.remote(rank, self.world_size, addr, port, self.device)
-                       for rank, actor in enumerate(self._actors)])
+        self._collect([actor.start.remote(rank, self.world_size, addr, port, self.device, str(self.watch.log_dir))
+                       for rank, actor in enumerate(self._actors)], STARTUP_TIMEOUT_S)
+
+    @staticmethod
+    def _local_pids(infos: list[dict[str, Any]]) -> dict[int, int]:
+        """Rank -> pid of the actors on the driver's node (the only ones it can signal and read)."""
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        return {rank: int(info["pid"]) for rank, info in enumerate(infos) if info["node_id"] == here}
 
     def actor_info(self) -> list[dict[str, Any]]:
         """Per rank: ``node_id``, ``node_ip``, ``pid``, ``actor_id`` (starts the actors if needed)."""
         self.start()
         return self._collect([actor.info.remote() for actor in self._actors])
 
-    def call(self, method: str, *args: Any) -> list[Any]:
-        """The worker operation ``method`` (``Worker.dispatch``) on every rank; replies in rank order."""
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """The worker operation ``method`` (``Worker.dispatch``) on every rank; replies in rank
+        order. ``timeout``: seconds for the call (default ``CALL_TIMEOUT_S``)."""
         self.start()
-        return self._collect([actor.call.remote(method, *args) for actor in self._actors])
+        return self._collect([actor.call.remote(method, *args) for actor in self._actors],
+                             CALL_TIMEOUT_S if timeout is None else max(timeout, 1.0))
 
-    def run_traced(self, spec: EngineSpec, requests: Sequence[Request]) -> EngineRun:
+    def run_traced(self, spec: EngineSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
         """Validate ``spec`` (before anything starts), then serve ``requests``; rank 0's outputs."""
         spec.validate(self._cluster_gpus() if spec.device == "cuda" else None)
         if spec.world_size != self.world_size:
             raise ValueError(f"spec needs {spec.world_size} ranks; this launcher has {self.world_size}")
         if self.fresh_workers:
             self._kill()
-        return EngineRun.from_replies(self.call("generate", spec, list(requests)))
+        return EngineRun.from_replies(self.call("generate", spec, list(requests), timeout=timeout))
 
     def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
         """``run_traced``'s outputs (rank 0's)."""
@@ -314,6 +342,10 @@ class RayLauncher:
                 self._collect([actor.call.remote("close") for actor in self._actors], CLOSE_TIMEOUT_S)
             except WorkerError:
                 pass
+        self._kill()
+
+    def abort(self) -> None:
+        """Kill every actor now, without asking the workers to leave (Ctrl-C)."""
         self._kill()
 
     def __enter__(self) -> RayLauncher:
@@ -331,18 +363,52 @@ class RayLauncher:
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         deadline = time.monotonic() + timeout
+        if self.watch is not None:
+            self.watch.arm()
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._fail(-1, f"no reply from ranks {sorted(pending.values())} within {timeout:.0f}s", "timeout")
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=remaining)
+                self._timed_out(sorted(pending.values()), timeout)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(remaining, 0.5))
+            if self.watch is not None:
+                self.watch.sample()
             for ref in ready:
                 rank = pending.pop(ref)
                 status, value = self._reply(ref)
+                if status == "raised" and pending and LOST_PEER.search(value):
+                    self._dead_peer(pending, rank, value)
+                if status == "died":
+                    value = self._death(rank, value)
                 if status != "ok":
                     self._fail(rank, value, status)
                 results[rank] = value
         return [results[rank] for rank in range(len(refs))]
+
+    def _death(self, rank: int, detail: str) -> str:
+        """Ray's word on a dead rank, with its memory and last output lines (ranks on this node)."""
+        if self.watch is None or rank not in self.watch.pids:
+            return detail
+        return f"{detail}\n{self.watch.describe_death(rank, None, how='its actor process died')}"
+
+    def _dead_peer(self, pending: dict[Any, int], rank: int, text: str) -> None:
+        """Rank ``rank`` raised on a lost connection: if a peer's actor died, raise its death
+        (the cause) instead; else return."""
+        import ray
+
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PEER_GRACE_S)
+        for ref in ready:
+            status, value = self._reply(ref)
+            if status == "died":
+                last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
+                dead = pending[ref]
+                self._fail(dead, f"{self._death(dead, value)}\n(rank {rank} then raised: {last})", "died")
+
+    def _timed_out(self, silent: list[int], timeout: float) -> NoReturn:
+        """A hang: every local rank's Python stack, then tear down and raise."""
+        stacks = self.watch.describe_stacks() if self.watch is not None else "(no stacks: ranks not started)"
+        self._fail(silent[0] if len(silent) == 1 else -1,
+                   f"no reply from ranks {silent} within {timeout:.0f}s (the case timeout); every rank's "
+                   f"Python stack at that moment:\n{stacks}", "timeout")
 
     @staticmethod
     def _reply(ref: Any) -> Reply:
@@ -353,8 +419,13 @@ class RayLauncher:
             reply: Reply = ray.get(ref)
         except ray.exceptions.RayTaskError as err:  # raised outside the guarded body
             return "died", str(err)
+        except ray.exceptions.OutOfMemoryError as err:  # Ray's memory monitor killed the rank
+            return "died", f"killed for memory by Ray's memory monitor: {err}"
         except ray.exceptions.RayActorError as err:  # the process died (crash, OOM, kill)
-            return "died", f"the rank's actor died: {err}"
+            text = str(err)
+            if _RAY_OOM.search(text):
+                return "died", f"killed for memory by Ray's memory monitor: the rank's actor died: {text}"
+            return "died", f"the rank's actor died: {text}"
         except ray.exceptions.RayError as err:
             return "died", f"{type(err).__name__}: {err}"
         return reply
@@ -369,6 +440,9 @@ class RayLauncher:
         actors, pg = self._actors, self._pg
         self._actors, self._pg = [], None
         self.master_addr = self.master_port = None
+        if self.watch is not None:
+            shutil.rmtree(self.watch.log_dir, ignore_errors=True)
+            self.watch = None
         if not actors and pg is None:
             return
         import ray
