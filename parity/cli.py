@@ -127,6 +127,9 @@ def _run_cases(orchestrator: Orchestrator, todo: Sequence[PlannedCase], store: R
     the run (every rank process is then killed at once, not asked to finish its call)."""
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    # Ctrl-C raises KeyboardInterrupt even in a process that inherited SIGINT ignored (a shell
+    # starts background jobs so, and Python then keeps it ignored).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
     try:
         for p in todo:
             progress.begin(p.case.id)
@@ -140,6 +143,7 @@ def _run_cases(orchestrator: Orchestrator, todo: Sequence[PlannedCase], store: R
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
         orchestrator.close()
     return False
 
