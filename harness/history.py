@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RESULTS_FILE = "results.jsonl"
-SUMMARY_FILE = "summary.json"
+from harness.results import RESULTS_FILE, SUMMARY_FILE, read_results
+
 BAD = ("fail", "error")
 # Runs looked at for flakiness: a week of nightlies.
 DEFAULT_WINDOW = 7
@@ -41,11 +41,7 @@ class RunStatuses:
         path = Path(run_dir) / RESULTS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{run_dir}: no {RESULTS_FILE} (not a run directory)")
-        statuses = {}
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                statuses[str(record["id"])] = str(record["status"])
+        statuses = {r.id: r.status for r in read_results(path)}
         run: dict[str, Any] = {}
         summary = Path(run_dir) / SUMMARY_FILE
         if summary.is_file():

@@ -13,14 +13,12 @@ one setup's cost above another.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from harness.case import HF_BASELINE, Case
 from harness.plan import PlannedCase
-
-RESULTS_FILE = "results.jsonl"
+from harness.results import RESULTS_FILE, read_results
 
 # The estimate, in seconds of this project's 2-core CPU machine (measured on the smoke matrix,
 # docs/benchmarks.md): a case costs a fixed part (planning, inputs, comparison), a part per rank
@@ -50,12 +48,7 @@ def durations(run_dir: Path) -> dict[str, float]:
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         return {}
-    out: dict[str, float] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            out[str(record["id"])] = float(record.get("seconds") or 0.0)
-    return out
+    return {r.id: float(r.seconds or 0.0) for r in read_results(path)}
 
 
 def costs(planned: Sequence[PlannedCase], measured: Mapping[str, float] | None = None) -> dict[str, float]:

@@ -44,7 +44,9 @@ def test_partition_is_disjoint_complete_deterministic_and_balanced(count: int) -
 def test_measured_durations_balance_the_shards(tmp_path: Path) -> None:
     planned = nightly()
     slow = planned[5].case.id
-    lines = [json.dumps({"id": p.case.id, "seconds": 600.0 if p.case.id == slow else 5.0}) for p in planned]
+    lines = [json.dumps({"id": p.case.id, "setup": p.case.setup.id, "baseline": p.case.baseline_id,
+                         "scenario": p.case.scenario, "model": p.case.model, "status": "pass",
+                         "seconds": 600.0 if p.case.id == slow else 5.0}) for p in planned]
     (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
     from harness.shards import durations
 
