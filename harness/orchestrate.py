@@ -14,6 +14,7 @@ from harness import outcome
 from harness.baseline import BaselineCache, hf_generate
 from harness.case import Case, CaseResult
 from harness.compare import compare
+from harness.compile_cache import use_compile_cache
 from harness.divergences import divergence_records
 from harness.launch.base import EngineRun, WorkerError
 from harness.localize import localize_replay
@@ -42,6 +43,7 @@ class Orchestrator:
 
     def __init__(self, options: RunOptions, pool: LauncherPool | None = None) -> None:
         self.options = options
+        use_compile_cache()  # before any pool starts: ranks inherit the location
         if options.mutation is not None and options.fresh_workers:
             raise ValueError("--mutation patches pooled workers; it cannot be combined with --fresh-workers")
         self.pool = pool or LauncherPool(options.backend, options.device, options.fresh_workers, options.mutation)
