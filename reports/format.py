@@ -87,7 +87,7 @@ def ranges(rows: Sequence[Any]) -> str:
 _RERUN_OPTIONS = (
     ("--baseline", "baseline", None), ("--policy", "policy", "auto"), ("--mutation", "mutation", None),
     ("--dtype", "dtype", None), ("--device", "device", None), ("--backend", "backend", "ray"),
-    ("--seed", "seed", 0),
+    ("--seed", "seed", 0), ("--requests", "requests", None), ("--repeat", "repeat", 1),
 )
 
 

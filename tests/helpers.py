@@ -199,9 +199,13 @@ TEST_OPERATIONS = {fn.__name__: fn for fn in (raise_on_rank_1, exit_on_rank_1, k
 
 # A fault for a whole run (``parity run`` in a test): ``KIND:RANK:MARKER`` makes rank RANK, on its
 # first ``generate`` while the file MARKER does not exist, create MARKER and then be killed by
-# SIGKILL (``kill``) or sleep instead of generating (``hang``). The marker makes the fault strike
-# once: the pool rebuilt after it runs clean.
+# SIGKILL (``kill``) or sleep instead of generating (``hang``), or generate and then change the
+# first request's first chosen-token logprob (rank 0 holds the outputs) by ``NONDETERMINISM``'s
+# amount: ``nudge`` (far within the tolerance: the verdict stays, the output bits change) or
+# ``skew`` (beyond it: that generation fails). The marker makes the fault strike once: the pool
+# rebuilt after it runs clean, and of a case's repeats (``--repeat``) only the first differs.
 FAULT_ENV = "PARITY_TEST_FAULT"
+NONDETERMINISM = {"nudge": 2.0**-20, "skew": 0.5}
 
 
 def _faulty(generate: Any) -> Any:
@@ -214,6 +218,10 @@ def _faulty(generate: Any) -> Any:
             with open(marker, "w") as f:
                 f.write(str(os.getpid()))
             print(f"rank {worker.rank}: injected fault {kind!r} before generating", flush=True)
+            if kind in NONDETERMINISM:
+                outputs, report = generate(worker, *args)
+                outputs[0].logprobs[0] -= NONDETERMINISM[kind]
+                return outputs, report
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(3600)
