@@ -15,6 +15,7 @@ from harness.baseline import BaselineCache, hf_generate
 from harness.case import Case, CaseResult
 from harness.compare import compare
 from harness.divergences import divergence_records
+from harness.engines import get_engine
 from harness.launch.base import EngineRun, WorkerError
 from harness.localize import localize_replay
 from harness.mutations import get_mutation
@@ -64,7 +65,7 @@ class Orchestrator:
         return list(self._requests[scenario])
 
     def baseline_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
-        spec = case.baseline if isinstance(case.baseline, str) else case.baseline.engine_spec(self.checkpoint)
+        spec = case.baseline if isinstance(case.baseline, str) else case.baseline.build_spec(self.checkpoint)
         key = BaselineCache.key(self.checkpoint, requests, spec, self.options.dtype, self.options.device)
         # A mutated baseline pool (a shared mutation) must neither read nor write the cache of
         # clean baselines.
@@ -154,11 +155,14 @@ class Orchestrator:
         """``produce()``, with its failure turned into the case's outcome: an exception in engine
         code is a ``fail`` (``outcome.worker_failure``), a crash, hang or lack of resources an
         ``error``."""
-        setup_id = case.setup.id if side == "candidate" else case.baseline_id
+        setup = case.setup if side == "candidate" else case.baseline
+        setup_id = setup.id if isinstance(setup, ParallelSetup) else setup
+        # Whose code raised is judged by the engine that side ran (``hf`` runs in this process).
+        paths = get_engine(setup.engine).code_paths if isinstance(setup, ParallelSetup) else outcome.ENGINE_PATHS
         try:
             return produce()
         except WorkerError as exc:
-            raise _CaseOutcome(*outcome.worker_failure(exc, side, setup_id, self._timeout)) from exc
+            raise _CaseOutcome(*outcome.worker_failure(exc, side, setup_id, self._timeout, paths)) from exc
         except (RuntimeError, TimeoutError, OSError) as exc:  # no resources, Ray, transformers
             raise _CaseOutcome("error", f"infrastructure: {side} {setup_id}: {type(exc).__name__}: {exc}") from exc
 
