@@ -23,6 +23,7 @@ from harness.plan import PlannedCase, RunOptions
 from harness.pool import LauncherPool, make_room
 from harness.setup import ParallelSetup
 from harness.timeouts import case_timeouts
+from reference_impl.config import load_config
 from reference_impl.requests import Request, RequestOutput
 from scenarios.models import cache_root, resolve
 from scenarios.registry import get_scenario
@@ -162,7 +163,10 @@ class Orchestrator:
         try:
             return produce()
         except WorkerError as exc:
-            raise _CaseOutcome(*outcome.worker_failure(exc, side, setup_id, self._timeout, paths)) from exc
+            status, reason = outcome.worker_failure(exc, side, setup_id, self._timeout, paths)
+            if status == "fail" and isinstance(setup, ParallelSetup):
+                reason = outcome.with_layout(reason, load_config(self.checkpoint).text, setup.tp)
+            raise _CaseOutcome(status, reason) from exc
         except (RuntimeError, TimeoutError, OSError) as exc:  # no resources, Ray, transformers
             raise _CaseOutcome("error", f"infrastructure: {side} {setup_id}: {type(exc).__name__}: {exc}") from exc
 

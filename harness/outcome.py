@@ -17,6 +17,7 @@ from harness.case import HF_BASELINE, Case
 from harness.launch.base import EngineRun, RankReport, WorkerError
 from harness.setup import ParallelSetup
 from reference_impl.compile.config import COLLECTIVES, SP_PATTERNS
+from reference_impl.config import TextConfig
 
 # How the reason of a case whose engine code raised begins (``parity selftest`` marks such catches).
 ENGINE_RAISED = "engine raised"
@@ -55,6 +56,22 @@ def worker_failure(err: WorkerError, side: str, setup_id: str, case_timeout: flo
     if frame is None:
         return "error", f"infrastructure: {where} raised outside the engine: {exception}"
     return "fail", f"{ENGINE_RAISED} in {where}: {exception} (at {frame})\n\n{err.detail}"
+
+
+def with_layout(reason: str, text: TextConfig, tp: int) -> str:
+    """``reason`` of a rank that raised, with the model's head layout under ``tp`` as its second
+    line (facts, not a diagnosis: a reshape error next to "fewer KV heads than TP ranks" explains
+    itself; the first line stays the headline)."""
+    if tp == 1:
+        return reason
+    layout = (f"layout: tp={tp}; num_attention_heads={text.num_heads}, num_key_value_heads={text.num_kv_heads}, "
+              f"head_dim={text.head_dim}")
+    if text.num_kv_heads < tp:
+        per_rank = text.num_kv_heads * text.head_dim / tp
+        layout += (f": fewer KV heads than TP ranks, so a k/v projection split by output features gives each "
+                   f"rank {per_rank:g} of one head's {text.head_dim} features unless the KV heads are replicated")
+    headline, _, rest = reason.partition("\n")
+    return f"{headline}\n{layout}\n{rest}"
 
 
 def _last_line(text: str) -> str:

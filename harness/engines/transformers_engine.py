@@ -30,7 +30,7 @@ def load_model(spec: TransformersSpec, device: torch.device) -> Any:
     hf_logging.disable_progress_bar()
     config = tf.AutoConfig.from_pretrained(spec.checkpoint)
     cls: Any = tf.LlavaForConditionalGeneration if hasattr(config, "vision_config") else tf.AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype], "use_safetensors": True}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype]}
     if spec.tp > 1:
         if dist.get_world_size() != spec.tp:
             raise ValueError(f"tp={spec.tp} needs a process group of {spec.tp} ranks, not {dist.get_world_size()}")
@@ -39,7 +39,7 @@ def load_model(spec: TransformersSpec, device: torch.device) -> Any:
         kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=spec.tp)
     else:
         kwargs["device_map"] = device
-    return cls.from_pretrained(spec.checkpoint, **kwargs).eval()
+    return cls.from_pretrained(spec.checkpoint, use_safetensors=True, **kwargs).eval()
 
 
 def _local(x: Any) -> torch.Tensor:

@@ -6,9 +6,10 @@ Each rank loads the checkpoint with ``from_pretrained(..., distributed_config=
 DistributedConfig(tp_plan="auto", tp_size=tp))`` (what ``tp_plan="auto"`` becomes in
 transformers 5: the legacy argument is translated to exactly this) into the process group the
 worker has joined (gloo on CPU, NCCL on CUDA); at tp=1 it loads the same model on one device
-without a plan. Generation is transformers' own forward passes, one request at a time, with its
-KV cache (``cache``, a ``DynamicCache``; ``past_key_values`` before 5.x): one prefill forward of the whole prompt, then one forward per
-generated token; greedy, with logprobs from its logits.
+without a plan. Generation is transformers' own forward passes, one request at a time (batch
+size 1, no padding), with its KV cache (the ``cache`` a forward returns, a ``DynamicCache``;
+called ``past_key_values`` before 5.x): one prefill forward of the whole prompt, then one forward
+per generated token; greedy, with logprobs from its logits (gathered over TP by its LM head).
 """
 
 from __future__ import annotations
