@@ -74,6 +74,9 @@ def test_plan_skips_what_transformers_cannot_express_and_adds_cross_engine_cases
     assert cases["tiny-qwen2/tp1-pp1-eager@transformers-text"] is None  # the oracle: the adapter vs generate
     assert is_oracle("tp1-pp1-eager@transformers", HF_BASELINE)
     assert "needs images" in (cases["tiny-qwen2/tp2-eager@transformers-multimodal"] or "")
+    compiled = ParallelSetup(tp=2, compile="graph", engine="transformers")
+    assert "runs eager only" in (get_engine("transformers").unsupported(compiled) or "")
+    assert get_engine("reference").unsupported(compiled) is None
 
 
 def test_an_explicit_baseline_may_name_the_reference_engine() -> None:
