@@ -14,6 +14,7 @@ from harness import outcome
 from harness.baseline import BaselineCache, hf_generate
 from harness.case import Case, CaseResult
 from harness.compare import compare
+from harness.compile_cache import use_compile_cache
 from harness.divergences import divergence_records
 from harness.engines import get_engine
 from harness.launch.base import EngineRun, WorkerError
@@ -21,6 +22,8 @@ from harness.localize import localize_replay
 from harness.mutations import get_mutation
 from harness.plan import PlannedCase, RunOptions
 from harness.pool import LauncherPool, make_room
+from harness.repeat import Attempt
+from harness.repeat import merge as merge_repeats
 from harness.setup import ParallelSetup
 from harness.timeouts import case_timeouts
 from reference_impl.config import load_config
@@ -44,6 +47,7 @@ class Orchestrator:
 
     def __init__(self, options: RunOptions, pool: LauncherPool | None = None) -> None:
         self.options = options
+        use_compile_cache()  # before any pool starts: ranks inherit the location
         if options.mutation is not None and options.fresh_workers:
             raise ValueError("--mutation patches pooled workers; it cannot be combined with --fresh-workers")
         self.pool = pool or LauncherPool(options.backend, options.device, options.fresh_workers, options.mutation)
@@ -61,7 +65,7 @@ class Orchestrator:
     def requests(self, scenario: str) -> list[Request]:
         """The scenario's requests, built once per run (every setup and every replay gets the same)."""
         if scenario not in self._requests:
-            self._requests[scenario] = get_scenario(scenario).requests(
+            self._requests[scenario] = get_scenario(scenario, self.options.requests_file).requests(
                 Path(self.checkpoint), self.options.dtype, self.options.seed, self.options.max_new_tokens)
         return list(self._requests[scenario])
 
@@ -99,12 +103,24 @@ class Orchestrator:
         return case_timeouts([planned], self.checkpoint, override=self.options.case_timeout)[planned.case.id]
 
     def run_case(self, planned: PlannedCase) -> CaseResult:
+        """The case's result: one run of it, or with ``--repeat N`` its N repeats merged
+        (``harness.repeat``: a case whose repeats differ in verdict or outputs is flaky). Only the
+        first failing repeat is localized."""
+        if planned.skip_reason:
+            return CaseResult.for_case(planned.case, "skip", reason=planned.skip_reason)
+        attempts: list[Attempt] = []
+        for _ in range(self.options.repeat):
+            localize = self.options.localize and not any(a.result.status == "fail" for a in attempts)
+            attempts.append(self._attempt(planned, localize))
+        return attempts[0].result if len(attempts) == 1 else merge_repeats(attempts)
+
+    def _attempt(self, planned: PlannedCase, localize: bool) -> Attempt:
         """``_run_case`` under the case's deadline: a call still running at its end is a hang,
         reported with every rank's stack (``harness.launch.postmortem``)."""
         self._timeout = self.case_timeout(planned)
         self.pool.deadline = self.baseline_pool.deadline = time.monotonic() + self._timeout
         try:
-            return self._run_case(planned)
+            return self._run_case(planned, localize)
         finally:
             self.pool.deadline = self.baseline_pool.deadline = None
 
@@ -113,14 +129,14 @@ class Orchestrator:
         self.pool.abort()
         self.baseline_pool.abort()
 
-    def _run_case(self, planned: PlannedCase) -> CaseResult:
+    def _run_case(self, planned: PlannedCase, localize: bool = True) -> Attempt:
         """Baseline, candidate, the checks of ``harness.outcome``, the comparison (with a forced
-        replay after a tolerated flip) and, on failure, localization: one final ``CaseResult``."""
+        replay after a tolerated flip) and, on failure, localization: one final ``CaseResult``,
+        with the candidate's outputs when it generated any."""
         case, start = planned.case, time.monotonic()
-        if planned.skip_reason:
-            return CaseResult.for_case(case, "skip", reason=planned.skip_reason)
         requests = self.requests(case.scenario)
         matches = None
+        run: EngineRun | None = None
         try:
             base = self._side(case, "baseline", lambda: self.baseline_outputs(case, requests))
             run = self._side(case, "candidate", lambda: self.candidate_run(case, requests))
@@ -137,20 +153,20 @@ class Orchestrator:
                 forced = self._side(case, "candidate", lambda: self.forced_replay(case, requests, base, replay_ids))
                 verdict = compare(run.outputs, base, policy, self.options.dtype, forced=forced)
         except _CaseOutcome as ended:
-            return CaseResult.for_case(case, ended.status, reason=ended.reason, sp_matches=matches,
-                                       seconds=time.monotonic() - start)
+            return Attempt(CaseResult.for_case(case, ended.status, reason=ended.reason, sp_matches=matches,
+                                               seconds=time.monotonic() - start), run.outputs if run else None)
         divergence = verdict.first_divergence.to_json() if verdict.first_divergence else None
         localization = divergences = None
         if not verdict.passed:
             divergences = divergence_records(verdict, run.outputs, base, forced, self.checkpoint)
-        if not verdict.passed and divergence is not None and self.options.localize:
+        if not verdict.passed and divergence is not None and localize:
             localization = self.localize(case, requests, divergence["request_id"])
         metrics = {**verdict.metrics, "policy": policy, **({"sp_note": sp_note} if sp_note else {})}
-        return CaseResult.for_case(
+        return Attempt(CaseResult.for_case(
             case, "pass" if verdict.passed else "fail", reason="" if verdict.passed else verdict.message(),
             first_divergence=divergence, localization=localization, metrics=metrics,
             sp_matches=matches, seconds=time.monotonic() - start, divergences=divergences,
-        )
+        ), run.outputs)
 
     def _side(self, case: Case, side: str, produce: Callable[[], _T]) -> _T:
         """``produce()``, with its failure turned into the case's outcome: an exception in engine

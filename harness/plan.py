@@ -35,6 +35,11 @@ class RunOptions:
     fit: bool = False  # --fit: move each setup's tp to the nearest the model takes (harness/fit.py)
     case_timeout: float | None = None  # seconds a case may run (None: harness.timeouts derives it)
     engine: str = "reference"  # --engine: the engine under test (harness.engines)
+    # --requests FILE: a requests file (scenarios.request_file), run as the scenario file:<stem>
+    requests_file: str | None = None
+    # --repeat N: each case's candidate runs N times; a case whose verdict or outputs differ
+    # between them is flaky, and fails (harness.repeat)
+    repeat: int = 1
 
     def __post_init__(self) -> None:
         from harness.engines import DEFAULT_ENGINE, get_engine
@@ -51,6 +56,8 @@ class RunOptions:
             raise ValueError(f"--seed {self.seed}: must be >= 0")
         if self.mutation is not None and self.fresh_workers:
             raise ValueError("--mutation patches pooled workers; it cannot be combined with --fresh-workers")
+        if self.repeat < 1:
+            raise ValueError(f"--repeat {self.repeat}: must be >= 1 (the number of times each case runs)")
 
 
 @dataclass(frozen=True)
@@ -107,9 +114,9 @@ def plan(matrix: Matrix, options: RunOptions, setups: Sequence[str] | None = Non
     same setup (``cross_engine``)."""
     chosen = list(setups) if setups else list(matrix.setups)
     setup_objs = [ParallelSetup.parse(s, options.dtype, options.device, options.engine) for s in chosen]
-    names = list(scenarios) if scenarios else list(matrix.scenarios)
+    names = scenario_names(matrix, options, scenarios)
     for name in names:
-        get_scenario(name)
+        get_scenario(name, options.requests_file)
     cfg = load_config(resolve(options.model))
     limit = available_devices(options.device)
     if options.fit:
@@ -119,11 +126,12 @@ def plan(matrix: Matrix, options: RunOptions, setups: Sequence[str] | None = Non
         for name in names:
             case = Case(setup, baseline_for(setup, options.baseline, options.allow_confounded), name,
                         options.model)
-            planned.append(PlannedCase(case, _skip_reason(case, cfg, limit)))
+            planned.append(PlannedCase(case, _skip_reason(case, cfg, limit, options.requests_file)))
             if (cross := cross_engine(case, options)) is not None:
-                planned.append(PlannedCase(cross, _skip_reason(cross, cfg, limit)))
+                planned.append(PlannedCase(cross, _skip_reason(cross, cfg, limit, options.requests_file)))
     if matrix.oracle and not setups:
-        planned += [PlannedCase(c, _skip_reason(c, cfg, limit)) for c in oracle_cases(options, names)
+        planned += [PlannedCase(c, _skip_reason(c, cfg, limit, options.requests_file))
+                    for c in oracle_cases(options, names)
                     if c.id not in {p.case.id for p in planned}]
     return planned
 
@@ -136,6 +144,18 @@ def cross_engine(case: Case, options: RunOptions) -> Case | None:
     if options.baseline != "auto" or case.setup.engine == DEFAULT_ENGINE or case.setup.world_size == 1:
         return None
     return Case(case.setup, replace(case.setup, engine=DEFAULT_ENGINE), case.scenario, case.model)
+
+
+def scenario_names(matrix: Matrix, options: RunOptions, scenarios: Sequence[str] | None = None) -> list[str]:
+    """The run's scenarios: ``scenarios`` (else the matrix's), and a requests file's ``file:<stem>``;
+    with a requests file and no ``scenarios``, the file's alone."""
+    from scenarios.request_file import scenario_name
+
+    if options.requests_file is None:
+        return list(scenarios) if scenarios else list(matrix.scenarios)
+    names = list(scenarios or [])
+    own = scenario_name(options.requests_file)
+    return names if own in names else [*names, own]
 
 
 def oracle_cases(options: RunOptions, scenarios: Sequence[str]) -> list[Case]:
@@ -159,11 +179,11 @@ def _fitted(setups: Sequence[ParallelSetup], cfg: Any, limit: int | None) -> lis
     return list(by_id.values())
 
 
-def _skip_reason(case: Case, cfg: Any, limit: int | None) -> str | None:
+def _skip_reason(case: Case, cfg: Any, limit: int | None, requests_file: str | None = None) -> str | None:
     from harness.engines import get_engine
     from reference_impl.parallel import validate_parallel
 
-    reason = get_scenario(case.scenario).skip_reason(cfg)
+    reason = get_scenario(case.scenario, requests_file).skip_reason(cfg)
     if reason:
         return reason
     for setup in (case.setup, case.baseline):

@@ -1,9 +1,10 @@
 """A run's settings, as recorded in ``summary.json``'s ``"run"`` and the report's header.
 
-What was run (matrix, setups, scenarios, the engine under test, model and its checkpoint hash), how it was judged
-(baseline mode, policy, the dtype's tolerances), where and how (dtype, device, backend, seed,
-mutation) and by what (command line, parity version, git sha), so that a report can be read,
-and the run repeated, without the shell history of whoever ran it.
+What was run (matrix, setups, scenarios, the engine under test, model and its checkpoint hash, a
+requests file and its hash), how it was judged (baseline mode, policy, the dtype's tolerances,
+repeats), where and how (dtype, device, backend, seed, mutation) and by what (command line, parity
+version, git sha), so that a report can be read, and the run repeated, without the shell history
+of whoever ran it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import asdict
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,6 +47,9 @@ def run_settings(options: RunOptions, matrix: str, setups: Sequence[str], scenar
         "backend": options.backend,
         "seed": options.seed,
         "mutation": options.mutation,
+        "requests": str(Path(options.requests_file).resolve()) if options.requests_file else None,
+        "requests_hash": _requests_hash(options.requests_file),
+        "repeat": options.repeat,
         "command": shlex.join(argv),
         "version": _version(),
         "git_sha": _git_sha(),
@@ -75,6 +80,18 @@ def _checkpoint_hash(model: str) -> str | None:
     try:
         return checkpoint_hash(str(resolve(model)))
     except (OSError, ValueError):
+        return None
+
+
+def _requests_hash(requests_file: str | None) -> str | None:
+    """The hash of a ``--requests`` file and the tensor files it names, or None without one."""
+    if requests_file is None:
+        return None
+    from scenarios.request_file import file_digest
+
+    try:
+        return file_digest(requests_file)
+    except OSError:
         return None
 
 

@@ -196,6 +196,10 @@ def _verdict_line(totals: Mapping[str, int], cases: Sequence[CaseView], fixed: S
               for s in ("error", "pass", "skip") if totals[s]]
     tags = [t for c in cases if c.history is not None for t in c.history.tags]
     parts += [f"{tags.count(t)} {t.lower()}" for t in ("NEW", "RECURRING", "FLAKY") if t in tags]
+    repeated = [c.repeat for c in cases if c.repeat is not None]
+    if repeated:
+        flaky = sum(r.flaky for r in repeated)
+        parts.append(f"{flaky} flaky over {max(r.n for r in repeated)} repeats")
     if fixed:
         parts.append(f"{len(fixed)} fixed since the previous run")
     return ", ".join(parts)

@@ -56,10 +56,11 @@ DEFAULT_CPUS_PER_RANK = 0.1
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Set in every actor: no hub lookups, no tokenizer threads, one OpenMP thread per rank.
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-# Copied from the driver to the actors when set (Triton interpreter on CPU, model cache dir, and
-# the NCCL / PyTorch switches that keep NVLink multicast off on shared GPU hosts).
-FORWARDED_ENV = ("TRITON_INTERPRET", "PARITY_CACHE", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                 "NVSHMEM_DISABLE_NVLS")
+# Copied from the driver to the actors when set (Triton interpreter on CPU, model cache dir, the
+# compile caches' locations (``harness.compile_cache``), and the NCCL / PyTorch switches that keep
+# NVLink multicast off on shared GPU hosts).
+FORWARDED_ENV = ("TRITON_INTERPRET", "PARITY_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
+                 "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
 # A rank's reply: ("ok", value), ("raised", traceback text) when its code raised, or
 # ("died", detail) when its process or task was lost.

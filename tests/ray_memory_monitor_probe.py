@@ -1,0 +1,42 @@
+"""Run by ``test_faults.py``: a Ray head of its own whose memory monitor is set to act a little
+above this machine's present use, a 2-rank pool, and rank 1 allocating past it. Prints the
+WorkerError's rank, kind and detail as JSON (or what happened instead)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+
+from harness.launch import RayLauncher, WorkerError  # noqa: E402
+from harness.launch.ray_launcher import ensure_ray  # noqa: E402
+
+from helpers import use_test_operations  # noqa: E402
+
+
+def main() -> None:
+    allocate_mib = int(sys.argv[1])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_test_operations(monkeypatch)
+        ensure_ray(num_cpus=2)
+        launcher = RayLauncher(2)
+        try:
+            assert launcher.call("ping") == [0, 1]
+            try:
+                launcher.call("allocate_on_rank_1", allocate_mib, timeout=120)
+                print(json.dumps({"raised": False}))
+            except WorkerError as err:
+                print(json.dumps({"raised": True, "rank": err.rank, "kind": err.kind, "detail": err.detail}))
+            print(json.dumps({"ping_after": launcher.call("ping")}))
+        finally:
+            launcher.close()
+    os._exit(0)  # no Ray shutdown wait
+
+
+if __name__ == "__main__":
+    main()
