@@ -16,6 +16,7 @@ from harness.case import Case, CaseResult
 from harness.compare import compare
 from harness.compile_cache import use_compile_cache
 from harness.divergences import divergence_records
+from harness.engines import get_engine
 from harness.launch.base import EngineRun, WorkerError
 from harness.localize import localize_replay
 from harness.mutations import get_mutation
@@ -25,6 +26,7 @@ from harness.repeat import Attempt
 from harness.repeat import merge as merge_repeats
 from harness.setup import ParallelSetup
 from harness.timeouts import case_timeouts
+from reference_impl.config import load_config
 from reference_impl.requests import Request, RequestOutput
 from scenarios.models import cache_root, resolve
 from scenarios.registry import get_scenario
@@ -68,7 +70,7 @@ class Orchestrator:
         return list(self._requests[scenario])
 
     def baseline_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
-        spec = case.baseline if isinstance(case.baseline, str) else case.baseline.engine_spec(self.checkpoint)
+        spec = case.baseline if isinstance(case.baseline, str) else case.baseline.build_spec(self.checkpoint)
         key = BaselineCache.key(self.checkpoint, requests, spec, self.options.dtype, self.options.device)
         # A mutated baseline pool (a shared mutation) must neither read nor write the cache of
         # clean baselines.
@@ -170,11 +172,17 @@ class Orchestrator:
         """``produce()``, with its failure turned into the case's outcome: an exception in engine
         code is a ``fail`` (``outcome.worker_failure``), a crash, hang or lack of resources an
         ``error``."""
-        setup_id = case.setup.id if side == "candidate" else case.baseline_id
+        setup = case.setup if side == "candidate" else case.baseline
+        setup_id = setup.id if isinstance(setup, ParallelSetup) else setup
+        # Whose code raised is judged by the engine that side ran (``hf`` runs in this process).
+        paths = get_engine(setup.engine).code_paths if isinstance(setup, ParallelSetup) else outcome.ENGINE_PATHS
         try:
             return produce()
         except WorkerError as exc:
-            raise _CaseOutcome(*outcome.worker_failure(exc, side, setup_id, self._timeout)) from exc
+            status, reason = outcome.worker_failure(exc, side, setup_id, self._timeout, paths)
+            if status == "fail" and isinstance(setup, ParallelSetup):
+                reason = outcome.with_layout(reason, load_config(self.checkpoint).text, setup.tp)
+            raise _CaseOutcome(status, reason) from exc
         except (RuntimeError, TimeoutError, OSError) as exc:  # no resources, Ray, transformers
             raise _CaseOutcome("error", f"infrastructure: {side} {setup_id}: {type(exc).__name__}: {exc}") from exc
 

@@ -1,9 +1,10 @@
 """A run's settings, as recorded in ``summary.json``'s ``"run"`` and the report's header.
 
-What was run (matrix, setups, scenarios, model and its checkpoint hash, a requests file and its
-hash), how it was judged (baseline mode, policy, the dtype's tolerances, repeats), where and how
-(dtype, device, backend, seed, mutation) and by what (command line, parity version, git sha), so
-that a report can be read, and the run repeated, without the shell history of whoever ran it.
+What was run (matrix, setups, scenarios, the engine under test, model and its checkpoint hash, a
+requests file and its hash), how it was judged (baseline mode, policy, the dtype's tolerances,
+repeats), where and how (dtype, device, backend, seed, mutation) and by what (command line, parity
+version, git sha), so that a report can be read, and the run repeated, without the shell history
+of whoever ran it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def run_settings(options: RunOptions, matrix: str, setups: Sequence[str], scenar
         "scenarios": list(scenarios),
         "model": options.model,
         "checkpoint_hash": _checkpoint_hash(options.model),
+        "engine": options.engine,
+        "engine_identity": _engine_identity(options.engine),
         "engine_code": _engine_code(),
         "baseline": options.baseline,
         "policy": options.policy,
@@ -59,6 +62,14 @@ def _engine_code() -> str:
     from harness.baseline import engine_code_hash
 
     return engine_code_hash()
+
+
+def _engine_identity(name: str) -> str | None:
+    """What besides parity's code defines the engine under test (transformers' TP: the library's
+    and torch's versions and the adapter's source hash); None for the reference engine."""
+    from harness.engines import get_engine
+
+    return get_engine(name).identity() or None
 
 
 def _checkpoint_hash(model: str) -> str | None:

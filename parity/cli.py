@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend, device=args.device or matrix.device, dtype=args.dtype or matrix.dtype,
         baseline=args.baseline, model=args.model, fresh_workers=args.fresh_workers,
         mutation=args.mutation, seed=args.seed, policy=args.policy, fit=args.fit,
-        allow_confounded=args.allow_confounded, case_timeout=args.case_timeout,
+        allow_confounded=args.allow_confounded, case_timeout=args.case_timeout, engine=args.engine,
         requests_file=args.requests, repeat=args.repeat,
     )
     planned = plan(matrix, options, _csv(args.setups), _csv(args.scenarios))
@@ -100,8 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     done = store.done_ids() if args.resume else set()
     todo = [p for p in planned if p.case.id not in done]
     print(f"parity run: matrix {matrix.name}, {len(planned)} cases ({len(planned) - len(todo)} already done), "
-          f"model {options.model}, backend {options.backend}, {options.device}/{options.dtype}, "
-          f"baseline {options.baseline}, out {out}"
+          f"engine {options.engine}, model {options.model}, backend {options.backend}, "
+          f"{options.device}/{options.dtype}, baseline {options.baseline}, out {out}"
           + (f", each case {options.repeat} times" if options.repeat > 1 else ""), file=sys.stderr)
     orchestrator = Orchestrator(options)
     if args.durations:  # measured case times: the timeouts follow them too (harness.timeouts)
@@ -409,7 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--setups", help="comma-separated setup ids, e.g. tp2-sp-graph-full (default: the matrix's)")
     run.add_argument("--scenarios", help="comma-separated scenarios (default: the matrix's)")
     run.add_argument("--model", default="tiny-llava", help="built-in model name or local HF checkpoint dir")
-    run.add_argument("--baseline", default="auto", help="auto | hf | a setup id")
+    # harness.engines.ENGINES' names, repeated: importing it pulls in torch, which --help should not wait for.
+    run.add_argument("--engine", default="reference", choices=["reference", "transformers"],
+                     help="the engine under test: parity's reference engine, or Hugging Face transformers' "
+                          "tensor parallelism (tp_plan='auto'; setups it cannot express are skipped)")
+    run.add_argument("--baseline", default="auto",
+                     help="auto | hf | a setup id (ID@reference: that setup on the reference engine); auto on "
+                          "--engine transformers compares each setup with the same engine on one device and with "
+                          "the reference engine")
     run.add_argument("--backend", default="ray", choices=["ray", "mp"])
     run.add_argument("--device", choices=["cpu", "cuda"], help="default: the matrix's")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the matrix's")

@@ -24,8 +24,8 @@ RUN_FILE = "run.json"
 RESULTS_FILE = "results.jsonl"
 # The settings a resumed run must share with the run it continues: what is run, on which model and
 # engine code, and how it is judged. (The command line, backend, git sha and timeouts may differ.)
-RESUME_KEYS = ("matrix", "setups", "scenarios", "model", "checkpoint_hash", "engine_code", "baseline",
-               "policy", "dtype", "device", "seed", "mutation", "requests_hash", "repeat", "planned")
+RESUME_KEYS = ("matrix", "setups", "scenarios", "model", "checkpoint_hash", "engine", "engine_identity", "engine_code",
+               "baseline", "policy", "dtype", "device", "seed", "mutation", "requests_hash", "repeat", "planned")
 
 
 class PreflightError(ValueError):

@@ -10,9 +10,9 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
 
+from harness.engines.base import BuildSpec
 from harness.launch.base import EngineRun, WorkerError
 from harness.launch.worker import Worker
-from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
 
@@ -42,13 +42,13 @@ class InProcessLauncher:
         except Exception as exc:
             raise WorkerError(0, traceback.format_exc()) from exc
 
-    def run_traced(self, spec: EngineSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
+    def run_traced(self, spec: BuildSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
         spec.validate()
         if spec.world_size != 1:
             raise ValueError(f"spec needs {spec.world_size} ranks; the in-process launcher has 1")
         return EngineRun.from_replies(self.call("generate", spec, list(requests), timeout=timeout))
 
-    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
+    def run(self, spec: BuildSpec, requests: Sequence[Request]) -> list[RequestOutput]:
         """``run_traced``'s outputs (rank 0's)."""
         return self.run_traced(spec, requests).outputs
 

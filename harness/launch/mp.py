@@ -23,9 +23,9 @@ from typing import Any, NoReturn
 
 import torch.multiprocessing as mp
 
+from harness.engines.base import BuildSpec
 from harness.launch.base import EngineRun, WorkerError, free_port
 from harness.launch.postmortem import LOST_PEER, RankWatch, prepare_rank
-from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
 # How long the driver waits for one call on all ranks when the caller names no timeout (the
@@ -194,13 +194,13 @@ class MpLauncher:
             conn.send((method, args))
         return self._collect(CALL_TIMEOUT_S if timeout is None else max(timeout, 1.0))
 
-    def run_traced(self, spec: EngineSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
+    def run_traced(self, spec: BuildSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
         spec.validate()
         if spec.world_size != self.world_size:
             raise ValueError(f"spec needs {spec.world_size} ranks; this launcher has {self.world_size}")
         return EngineRun.from_replies(self.call("generate", spec, list(requests), timeout=timeout))
 
-    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
+    def run(self, spec: BuildSpec, requests: Sequence[Request]) -> list[RequestOutput]:
         """``run_traced``'s outputs (rank 0's)."""
         return self.run_traced(spec, requests).outputs
 

@@ -27,9 +27,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn
 
+from harness.engines.base import BuildSpec
 from harness.launch.base import EngineRun, WorkerError, free_port
 from harness.launch.postmortem import LOST_PEER, RankWatch, prepare_rank
-from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
 # The repository root: on the actors' PYTHONPATH so they import harness, reference_impl, scenarios.
@@ -323,7 +323,7 @@ class RayLauncher:
         return self._collect([actor.call.remote(method, *args) for actor in self._actors],
                              CALL_TIMEOUT_S if timeout is None else max(timeout, 1.0))
 
-    def run_traced(self, spec: EngineSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
+    def run_traced(self, spec: BuildSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
         """Validate ``spec`` (before anything starts), then serve ``requests``; rank 0's outputs."""
         spec.validate(self._cluster_gpus() if spec.device == "cuda" else None)
         if spec.world_size != self.world_size:
@@ -332,7 +332,7 @@ class RayLauncher:
             self._kill()
         return EngineRun.from_replies(self.call("generate", spec, list(requests), timeout=timeout))
 
-    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
+    def run(self, spec: BuildSpec, requests: Sequence[Request]) -> list[RequestOutput]:
         """``run_traced``'s outputs (rank 0's)."""
         return self.run_traced(spec, requests).outputs
 
