@@ -25,7 +25,7 @@ from harness.pool import LauncherPool, make_room
 from harness.repeat import Attempt
 from harness.repeat import merge as merge_repeats
 from harness.setup import ParallelSetup
-from harness.timeouts import case_timeouts
+from harness.timeouts import case_timeouts, load_factor
 from reference_impl.config import load_config
 from reference_impl.requests import Request, RequestOutput
 from scenarios.models import cache_root, resolve
@@ -118,6 +118,8 @@ class Orchestrator:
         """``_run_case`` under the case's deadline: a call still running at its end is a hang,
         reported with every rank's stack (``harness.launch.postmortem``)."""
         self._timeout = self.case_timeout(planned)
+        if self.options.case_timeout is None:  # derived, not the user's: scaled by the load now
+            self._timeout *= load_factor()
         self.pool.deadline = self.baseline_pool.deadline = time.monotonic() + self._timeout
         try:
             return self._run_case(planned, localize)
