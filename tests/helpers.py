@@ -182,6 +182,11 @@ def allocate_on_rank_1(worker: Any, mib: int) -> None:
     dist.barrier()
 
 
+def niceness(worker: Any) -> int:
+    """The rank process's nice value."""
+    return os.nice(0)
+
+
 def gather_residual_probe(worker: Any) -> list[float]:
     """In a tp2 worker: the pipeline hand-off's gather of a shard whose rows hold ``rank + 1``."""
     from reference_impl.parallel import init_parallel
@@ -195,7 +200,7 @@ def gather_residual_probe(worker: Any) -> list[float]:
 
 
 TEST_OPERATIONS = {fn.__name__: fn for fn in (raise_on_rank_1, exit_on_rank_1, kill_self_on_rank_1, hang_on_rank_1,
-                                               join_cgroup_on_rank_1, allocate_on_rank_1, gather_residual_probe)}
+                                               join_cgroup_on_rank_1, allocate_on_rank_1, niceness, gather_residual_probe)}
 
 # A fault for a whole run (``parity run`` in a test): ``KIND:RANK:MARKER`` makes rank RANK, on its
 # first ``generate`` while the file MARKER does not exist, create MARKER and then be killed by

@@ -62,6 +62,9 @@ ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_
 FORWARDED_ENV = ("TRITON_INTERPRET", "PARITY_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
                  "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
 
+# The raylet's setting of its workers' niceness (Ray's default: 15), read when a local head starts.
+RAY_WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
 # A rank's reply: ("ok", value), ("raised", traceback text) when its code raised, or
 # ("died", detail) when its process or task was lost.
 Reply = tuple[str, Any]
@@ -105,6 +108,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ``num_cpus`` logical CPUs (default: this machine's core count).
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token set-up for a local cluster
+    # Ray starts its workers at nice 15, so that its own services stay responsive; parity's ranks
+    # are the work itself, and at nice 15 any other process on the machine starves them (the
+    # smoke matrix with two busy-loop processes on 2 cores: a compiled case's first generation
+    # ran past 120 s). A local head started here runs its workers at the usual priority.
+    os.environ.setdefault(RAY_WORKER_NICENESS_ENV, "0")
     import ray
 
     if ray.is_initialized():
