@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from reference_impl.kernels.launch import LaunchConfig, block_size, launch_config, num_sms
+
 try:
     import triton  # type: ignore[import-untyped, unused-ignore]
     import triton.language as tl  # type: ignore[import-untyped, unused-ignore]
@@ -15,10 +17,6 @@ try:
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
-
-# Largest row (in bytes) one program keeps in registers; beyond this a
-# one-program-per-row kernel would spill, so we refuse rather than go slow.
-MAX_FUSED_BYTES = 65536
 
 
 if HAS_TRITON:
@@ -43,28 +41,40 @@ if HAS_TRITON:
         return out
 
     @triton.jit  # type: ignore[untyped-decorator]
-    def _rms_norm_kernel(  # type: ignore[no-untyped-def]
-        x_ptr,  # (rows, H), contiguous
-        w_ptr,  # (H,)
-        out_ptr,  # (rows, H), contiguous, x's dtype
-        row_stride,
-        H,
-        eps,
-        BLOCK_SIZE: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)  # int64: rows * H may exceed 2**31
-        cols = tl.arange(0, BLOCK_SIZE)  # (BLOCK_SIZE,)
-        mask = cols < H
-        x = tl.load(x_ptr + row * row_stride + cols, mask=mask, other=0.0)
-        xf = x.to(tl.float32)
-        # Masked lanes load 0, so they add nothing; divide by the true H.
-        variance = tl.sum(xf * xf, axis=0) / H
-        y = cast_rtne(xf * tl.rsqrt(variance + eps), x.dtype)  # HF: .to(input_dtype)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    def normalize(xf, w, H, eps, in_dtype: tl.constexpr, out_dtype: tl.constexpr):  # type: ignore[no-untyped-def]
+        """HF LlamaRMSNorm of fp32 rows xf (BLOCK_ROWS, BLOCK_H) with fp32 weight w (1, BLOCK_H).
+
+        Masked lanes hold 0, so they add nothing to the sum; divide by the true H.
+        """
+        variance = tl.sum(xf * xf, axis=1, keep_dims=True) / H  # (BLOCK_ROWS, 1)
+        y = cast_rtne(xf * tl.rsqrt(variance + eps), in_dtype)  # HF: .to(input_dtype)
         # Exact product in fp32, rounded once to the output dtype: this is what
         # torch's `weight * y` does for bf16/fp16 operands.
-        out = y.to(tl.float32) * w.to(tl.float32)
-        tl.store(out_ptr + row * row_stride + cols, cast_rtne(out, out_ptr.dtype.element_ty), mask=mask)
+        return cast_rtne(y.to(tl.float32) * w, out_dtype)
+
+    @triton.jit(do_not_specialize=["rows"])  # type: ignore[untyped-decorator]
+    def _rms_norm_kernel(  # type: ignore[no-untyped-def]
+        x_ptr,  # (rows, H), unit column stride
+        w_ptr,  # (H,), contiguous
+        out_ptr,  # (rows, H), contiguous, x's dtype
+        rows,
+        x_row_stride,
+        H,
+        eps,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        cols = tl.arange(0, BLOCK_H)[None, :]  # (1, BLOCK_H)
+        col_mask = cols < H
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)  # (1, BLOCK_H)
+        # One program per block of rows, or a persistent grid walking the blocks.
+        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_ROWS), tl.num_programs(0)):
+            # int64 rows: rows * H may exceed 2**31 (block * BLOCK_ROWS < rows fits int32)
+            r = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None].to(tl.int64)  # (BLOCK_ROWS, 1)
+            mask = (r < rows) & col_mask  # (BLOCK_ROWS, BLOCK_H)
+            x = tl.load(x_ptr + r * x_row_stride + cols, mask=mask, other=0.0)
+            out = normalize(x.to(tl.float32), w, H, eps, x.dtype, out_ptr.dtype.element_ty)
+            tl.store(out_ptr + r * H + cols, out, mask=mask)
 
 
 def require_triton() -> None:
@@ -76,20 +86,6 @@ def require_triton() -> None:
         )
 
 
-def launch_config(hidden: int, element_size: int) -> tuple[int, int]:
-    """Pick (BLOCK_SIZE, num_warps) for one program per row of `hidden` elements."""
-    require_triton()
-    block_size = int(triton.next_power_of_2(hidden))
-    if block_size * element_size > MAX_FUSED_BYTES:
-        raise RuntimeError(
-            f"hidden size {hidden} is too large for the one-program-per-row kernel "
-            f"(at most {MAX_FUSED_BYTES // element_size} elements of {element_size} bytes)"
-        )
-    # About 256 elements per warp, 1 to 8 warps.
-    num_warps = min(max(block_size // 256, 1), 8)
-    return block_size, num_warps
-
-
 def check_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
     """The weight is one vector of length H = x.shape[-1]."""
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
@@ -99,23 +95,38 @@ def check_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Triton RMSNorm over the last dim of x (..., H); output has x's dtype and shape."""
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """x (..., H) as (rows, H) with unit column stride; copies only when no such view exists."""
+    x2d = x.reshape(-1, x.shape[-1])  # (rows, H)
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def unit_stride(weight: torch.Tensor) -> torch.Tensor:
+    return weight if weight.stride(0) == 1 else weight.contiguous()
+
+
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, config: LaunchConfig | None = None
+) -> torch.Tensor:
+    """Triton RMSNorm over the last dim of x (..., H); output has x's dtype and shape, contiguous.
+
+    `config` overrides the launch table (the sweep times configurations this way).
+    """
     require_triton()
     check_weight(x, weight)
     hidden = x.shape[-1]
-    x2d = x.contiguous().view(-1, hidden)  # (rows, H)
-    w = weight.contiguous()  # (H,)
-    out = torch.empty_like(x2d)  # (rows, H)
+    x2d = rows_view(x)  # (rows, H)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (..., H), contiguous
     rows = x2d.shape[0]
     if rows == 0:
-        return out.view(x.shape)
-    block_size, num_warps = launch_config(hidden, x2d.element_size())
-    _rms_norm_kernel[(rows,)](
-        x2d, w, out, x2d.stride(0), hidden, eps,
-        BLOCK_SIZE=block_size, num_warps=num_warps,
+        return out
+    block_h = block_size(hidden, x.element_size())
+    cfg = config or launch_config("rms_norm", hidden, x.element_size(), rows)
+    _rms_norm_kernel[(cfg.grid(rows, num_sms(x.device)),)](
+        x2d, unit_stride(weight), out, rows, x2d.stride(0), hidden, eps,
+        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out.view(x.shape)
+    return out
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
