@@ -40,22 +40,24 @@ if HAS_TRITON:
         eps,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        BY_HAND: tl.constexpr,  # round bf16 by hand (the interpreter); see cast_rtne
     ):
         cols = tl.arange(0, BLOCK_H)[None, :]  # (1, BLOCK_H)
         col_mask = cols < H
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)  # (1, BLOCK_H)
         # One program per block of rows, or a persistent grid walking the blocks.
         for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_ROWS), tl.num_programs(0)):
             # int64 rows: rows * H may exceed 2**31 (block * BLOCK_ROWS < rows fits int32)
             r = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None].to(tl.int64)  # (BLOCK_ROWS, 1)
             mask = (r < rows) & col_mask  # (BLOCK_ROWS, BLOCK_H)
-            x = tl.load(x_ptr + r * x_row_stride + cols, mask=mask, other=0.0)
-            res = tl.load(res_ptr + r * res_row_stride + cols, mask=mask, other=0.0)
+            # Inputs stream through once; the weight is read by every block (see rms_norm).
+            x = tl.load(x_ptr + r * x_row_stride + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+            res = tl.load(res_ptr + r * res_row_stride + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")  # (1, BLOCK_H)
             # The add's result, rounded once to x's dtype, IS the new residual.
-            s = cast_rtne(x.to(tl.float32) + res.to(tl.float32), x.dtype)
+            s = cast_rtne(x.to(tl.float32) + res.to(tl.float32), x.dtype, BY_HAND)
             tl.store(new_res_ptr + r * H + cols, s, mask=mask)
             # Normalize what was stored, as the reference does.
-            out = normalize(s.to(tl.float32), w, H, eps, x.dtype, out_ptr.dtype.element_ty)
+            out = normalize(s.to(tl.float32), w.to(tl.float32), H, eps, x.dtype, out_ptr.dtype.element_ty, BY_HAND)
             tl.store(out_ptr + r * H + cols, out, mask=mask)
 
 
@@ -82,7 +84,8 @@ def fused_add_rms_norm_triton(
     cfg = config or launch_config("fused_add_rms_norm", hidden, x.element_size(), rows)
     _fused_add_rms_norm_kernel[(cfg.grid(rows, num_sms(x.device)),)](
         x2d, res2d, unit_stride(weight), out, new_res, rows, x2d.stride(0), res2d.stride(0), hidden, eps,
-        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h, BY_HAND=not x.is_cuda,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, new_res
 

@@ -67,11 +67,34 @@ class LaunchConfig:
 # (kernel, row bytes, rows bucket) -> config, measured on one H200 in bf16 (row bytes 8192 and
 # 16384: hidden 4096 and 8192). Filled from the sweep; see the module docstring.
 TABLE: dict[tuple[str, int, int], LaunchConfig] = {
-    (kernel, row_bytes, bucket): LaunchConfig(1, 16)
-    for kernel in KERNELS for row_bytes in (8192, 16384) for bucket in (1, 16, 256, 1024)
-} | {
-    (kernel, row_bytes, bucket): LaunchConfig(2 if row_bytes == 8192 else 1, 16)
-    for kernel in KERNELS for row_bytes in (8192, 16384) for bucket in (4096, 16384, 65536)
+    ("rms_norm", 8192, 1): LaunchConfig(1, 8),
+    ("rms_norm", 8192, 16): LaunchConfig(1, 8),
+    ("rms_norm", 8192, 256): LaunchConfig(1, 8),
+    ("rms_norm", 8192, 1024): LaunchConfig(1, 8, 8),
+    ("rms_norm", 8192, 4096): LaunchConfig(1, 4, 16),
+    ("rms_norm", 8192, 16384): LaunchConfig(1, 4, 16),
+    ("rms_norm", 8192, 65536): LaunchConfig(1, 4, 16),
+    ("rms_norm", 16384, 1): LaunchConfig(1, 8),
+    ("rms_norm", 16384, 16): LaunchConfig(1, 8),
+    ("rms_norm", 16384, 256): LaunchConfig(1, 8),
+    ("rms_norm", 16384, 1024): LaunchConfig(1, 8),
+    ("rms_norm", 16384, 4096): LaunchConfig(1, 8, 8),
+    ("rms_norm", 16384, 16384): LaunchConfig(1, 8, 8),
+    ("rms_norm", 16384, 65536): LaunchConfig(1, 8, 8),
+    ("fused_add_rms_norm", 8192, 1): LaunchConfig(1, 16),
+    ("fused_add_rms_norm", 8192, 16): LaunchConfig(1, 16),
+    ("fused_add_rms_norm", 8192, 256): LaunchConfig(1, 16),
+    ("fused_add_rms_norm", 8192, 1024): LaunchConfig(1, 16),
+    ("fused_add_rms_norm", 8192, 4096): LaunchConfig(1, 4, 16),
+    ("fused_add_rms_norm", 8192, 16384): LaunchConfig(1, 4),
+    ("fused_add_rms_norm", 8192, 65536): LaunchConfig(1, 8),
+    ("fused_add_rms_norm", 16384, 1): LaunchConfig(1, 32),
+    ("fused_add_rms_norm", 16384, 16): LaunchConfig(1, 32),
+    ("fused_add_rms_norm", 16384, 256): LaunchConfig(1, 16),
+    ("fused_add_rms_norm", 16384, 1024): LaunchConfig(1, 8),
+    ("fused_add_rms_norm", 16384, 4096): LaunchConfig(1, 8),
+    ("fused_add_rms_norm", 16384, 16384): LaunchConfig(1, 8),
+    ("fused_add_rms_norm", 16384, 65536): LaunchConfig(1, 8),
 }
 
 

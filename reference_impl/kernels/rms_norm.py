@@ -22,15 +22,17 @@ except ImportError:  # pragma: no cover - depends on the environment
 if HAS_TRITON:
 
     @triton.jit  # type: ignore[untyped-decorator]
-    def cast_rtne(v, dtype: tl.constexpr):  # type: ignore[no-untyped-def]
+    def cast_rtne(v, dtype: tl.constexpr, BY_HAND: tl.constexpr):  # type: ignore[no-untyped-def]
         """fp32 -> dtype with round-to-nearest-even, bit for bit torch's `.to(dtype)`.
 
-        bf16 is rounded by hand: the Triton interpreter (TRITON_INTERPRET=1)
-        truncates fp32 -> bf16 casts, while GPUs and torch round to nearest even.
-        The integer form gives the same bits on both, so interpreter tests are
-        exact. Other dtypes use the native cast (already RTNE everywhere).
+        On a GPU the native cast is one RTNE conversion instruction. The Triton interpreter
+        (TRITON_INTERPRET=1, CPU tensors) truncates fp32 -> bf16 instead, so there (BY_HAND)
+        bf16 is rounded in integer arithmetic, which gives torch's bits and keeps interpreter
+        tests exact. By hand costs about ten integer operations per element: on an H200 that
+        made the kernels ALU-bound (measured: 12.2 µs against 8.9 for inductor at 1024 rows of
+        4096), hence native on the GPU.
         """
-        if dtype == tl.bfloat16:
+        if BY_HAND and dtype == tl.bfloat16:
             bits = v.to(tl.uint32, bitcast=True)
             # Add just under half an ulp, plus one when the kept lsb is odd (ties to even).
             rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -41,16 +43,18 @@ if HAS_TRITON:
         return out
 
     @triton.jit  # type: ignore[untyped-decorator]
-    def normalize(xf, w, H, eps, in_dtype: tl.constexpr, out_dtype: tl.constexpr):  # type: ignore[no-untyped-def]
+    def normalize(  # type: ignore[no-untyped-def]
+        xf, w, H, eps, in_dtype: tl.constexpr, out_dtype: tl.constexpr, BY_HAND: tl.constexpr
+    ):
         """HF LlamaRMSNorm of fp32 rows xf (BLOCK_ROWS, BLOCK_H) with fp32 weight w (1, BLOCK_H).
 
         Masked lanes hold 0, so they add nothing to the sum; divide by the true H.
         """
         variance = tl.sum(xf * xf, axis=1, keep_dims=True) / H  # (BLOCK_ROWS, 1)
-        y = cast_rtne(xf * tl.rsqrt(variance + eps), in_dtype)  # HF: .to(input_dtype)
+        y = cast_rtne(xf * tl.rsqrt(variance + eps), in_dtype, BY_HAND)  # HF: .to(input_dtype)
         # Exact product in fp32, rounded once to the output dtype: this is what
         # torch's `weight * y` does for bf16/fp16 operands.
-        return cast_rtne(y.to(tl.float32) * w, out_dtype)
+        return cast_rtne(y.to(tl.float32) * w, out_dtype, BY_HAND)
 
     @triton.jit(do_not_specialize=["rows"])  # type: ignore[untyped-decorator]
     def _rms_norm_kernel(  # type: ignore[no-untyped-def]
@@ -63,17 +67,20 @@ if HAS_TRITON:
         eps,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        BY_HAND: tl.constexpr,  # round bf16 by hand (the interpreter); see cast_rtne
     ):
         cols = tl.arange(0, BLOCK_H)[None, :]  # (1, BLOCK_H)
         col_mask = cols < H
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)  # (1, BLOCK_H)
         # One program per block of rows, or a persistent grid walking the blocks.
         for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_ROWS), tl.num_programs(0)):
             # int64 rows: rows * H may exceed 2**31 (block * BLOCK_ROWS < rows fits int32)
             r = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None].to(tl.int64)  # (BLOCK_ROWS, 1)
             mask = (r < rows) & col_mask  # (BLOCK_ROWS, BLOCK_H)
-            x = tl.load(x_ptr + r * x_row_stride + cols, mask=mask, other=0.0)
-            out = normalize(x.to(tl.float32), w, H, eps, x.dtype, out_ptr.dtype.element_ty)
+            # x streams through once; the weight is read by every block, so keep it in cache. Both
+            # loads are issued before either is used: one memory latency, not two.
+            x = tl.load(x_ptr + r * x_row_stride + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")  # (1, BLOCK_H)
+            out = normalize(x.to(tl.float32), w.to(tl.float32), H, eps, x.dtype, out_ptr.dtype.element_ty, BY_HAND)
             tl.store(out_ptr + r * H + cols, out, mask=mask)
 
 
@@ -124,7 +131,8 @@ def rms_norm_triton(
     cfg = config or launch_config("rms_norm", hidden, x.element_size(), rows)
     _rms_norm_kernel[(cfg.grid(rows, num_sms(x.device)),)](
         x2d, unit_stride(weight), out, rows, x2d.stride(0), hidden, eps,
-        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h, BY_HAND=not x.is_cuda,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
