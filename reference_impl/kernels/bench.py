@@ -145,7 +145,7 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     return replay
 
 
-def kernel_us(replay: Callable[[], None], warmup_ms: int = WARMUP_MS, rep_ms: int = REP_MS) -> float:
+def kernel_us(replay: Callable[[], object], warmup_ms: int = WARMUP_MS, rep_ms: int = REP_MS) -> float:
     """Median device time of one replay in µs (triton's do_bench: warm-up, L2 flush before each)."""
     from triton.testing import do_bench
 
@@ -200,7 +200,8 @@ def implementations(op: str, hidden: int, rows: int, dtype: torch.dtype) -> tupl
 
 def bench(op: str, hidden: int, rows: int, dtype: torch.dtype, ceiling: float, repeats: int) -> Row:
     impls, moved = implementations(op, hidden, rows, dtype)
-    replays = {name: fn if name == "copy" else graphed(fn) for name, fn in impls.items()}  # COPY_NOT_GRAPHED
+    replays: dict[str, Callable[[], object]] = {  # COPY_NOT_GRAPHED
+        name: fn if name == "copy" else graphed(fn) for name, fn in impls.items()}
     samples: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(repeats):
         for name, replay in replays.items():
