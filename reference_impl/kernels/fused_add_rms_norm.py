@@ -14,6 +14,7 @@ from reference_impl.kernels.launch import LaunchConfig, block_size, launch_confi
 from reference_impl.kernels.rms_norm import (
     HAS_TRITON,
     check_weight,
+    kernel_flags,
     require_triton,
     rms_norm_ref,
     rows_view,
@@ -24,7 +25,25 @@ if HAS_TRITON:
     import triton  # type: ignore[import-untyped, unused-ignore]
     import triton.language as tl  # type: ignore[import-untyped, unused-ignore]
 
-    from reference_impl.kernels.rms_norm import cast_rtne, normalize
+    from reference_impl.kernels.rms_norm import cast_rtne, load, normalize, row_block, store
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _fused_rows(  # type: ignore[no-untyped-def]
+        block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride, res_row_stride, H, eps,
+        BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr,
+        BY_HAND: tl.constexpr,
+    ):
+        r, cols, mask = row_block(block, rows, H, BLOCK_ROWS, BLOCK_H, WIDE)
+        # Inputs stream through once; the weight is read by every block (see rms_norm).
+        x = load(x_ptr + r * x_row_stride + cols, mask, MASKED, "evict_first")  # (BLOCK_ROWS, BLOCK_H)
+        res = load(res_ptr + r * res_row_stride + cols, mask, MASKED, "evict_first")  # (BLOCK_ROWS, BLOCK_H)
+        w = load(w_ptr + cols, cols < H, MASKED, "evict_last")  # (1, BLOCK_H)
+        # The add's result, rounded once to x's dtype, IS the new residual.
+        s = cast_rtne(x.to(tl.float32) + res.to(tl.float32), x.dtype, BY_HAND)
+        store(new_res_ptr + r * H + cols, s, mask, MASKED)
+        # Normalize what was stored, as the reference does.
+        out = normalize(s.to(tl.float32), w.to(tl.float32), H, eps, x.dtype, out_ptr.dtype.element_ty, BY_HAND)
+        store(out_ptr + r * H + cols, out, mask, MASKED)
 
     @triton.jit(do_not_specialize=["rows"])  # type: ignore[untyped-decorator]
     def _fused_add_rms_norm_kernel(  # type: ignore[no-untyped-def]
@@ -40,25 +59,18 @@ if HAS_TRITON:
         eps,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_H: tl.constexpr,
-        BY_HAND: tl.constexpr,  # round bf16 by hand (the interpreter); see cast_rtne
+        LOOP: tl.constexpr,  # the flags: see rms_norm.kernel_flags
+        MASKED: tl.constexpr,
+        WIDE: tl.constexpr,
+        BY_HAND: tl.constexpr,
     ):
-        cols = tl.arange(0, BLOCK_H)[None, :]  # (1, BLOCK_H)
-        col_mask = cols < H
-        # One program per block of rows, or a persistent grid walking the blocks.
-        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_ROWS), tl.num_programs(0)):
-            # int64 rows: rows * H may exceed 2**31 (block * BLOCK_ROWS < rows fits int32)
-            r = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None].to(tl.int64)  # (BLOCK_ROWS, 1)
-            mask = (r < rows) & col_mask  # (BLOCK_ROWS, BLOCK_H)
-            # Inputs stream through once; the weight is read by every block (see rms_norm).
-            x = tl.load(x_ptr + r * x_row_stride + cols, mask=mask, other=0.0, eviction_policy="evict_first")
-            res = tl.load(res_ptr + r * res_row_stride + cols, mask=mask, other=0.0, eviction_policy="evict_first")
-            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")  # (1, BLOCK_H)
-            # The add's result, rounded once to x's dtype, IS the new residual.
-            s = cast_rtne(x.to(tl.float32) + res.to(tl.float32), x.dtype, BY_HAND)
-            tl.store(new_res_ptr + r * H + cols, s, mask=mask)
-            # Normalize what was stored, as the reference does.
-            out = normalize(s.to(tl.float32), w.to(tl.float32), H, eps, x.dtype, out_ptr.dtype.element_ty, BY_HAND)
-            tl.store(out_ptr + r * H + cols, out, mask=mask)
+        if LOOP:
+            for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_ROWS), tl.num_programs(0)):
+                _fused_rows(block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride,
+                            res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND)
+        else:
+            _fused_rows(tl.program_id(0), x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride,
+                        res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND)
 
 
 def fused_add_rms_norm_triton(
@@ -84,7 +96,8 @@ def fused_add_rms_norm_triton(
     cfg = config or launch_config("fused_add_rms_norm", hidden, x.element_size(), rows)
     _fused_add_rms_norm_kernel[(cfg.grid(rows, num_sms(x.device)),)](
         x2d, res2d, unit_stride(weight), out, new_res, rows, x2d.stride(0), res2d.stride(0), hidden, eps,
-        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h, BY_HAND=not x.is_cuda,
+        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h,
+        **kernel_flags(cfg, x, rows, block_h, max(x2d.stride(0), res2d.stride(0))),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, new_res

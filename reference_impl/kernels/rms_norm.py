@@ -56,6 +56,48 @@ if HAS_TRITON:
         # torch's `weight * y` does for bf16/fp16 operands.
         return cast_rtne(y.to(tl.float32) * w, out_dtype, BY_HAND)
 
+    @triton.jit  # type: ignore[untyped-decorator]
+    def row_block(block, rows, H, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Row indices (BLOCK_ROWS, 1), column indices (1, BLOCK_H) and mask of block `block`.
+
+        Rows are int64 when WIDE (offsets past 2**31 elements), int32 otherwise.
+        """
+        r = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]  # (BLOCK_ROWS, 1)
+        if WIDE:
+            r = r.to(tl.int64)
+        cols = tl.arange(0, BLOCK_H)[None, :]  # (1, BLOCK_H)
+        return r, cols, (r < rows) & (cols < H)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def load(ptrs, mask, MASKED: tl.constexpr, policy: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Load; masked lanes read 0. Unmasked (MASKED False) when every lane is in bounds."""
+        if MASKED:
+            v = tl.load(ptrs, mask=mask, other=0.0, eviction_policy=policy)
+        else:
+            v = tl.load(ptrs, eviction_policy=policy)
+        return v
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def store(ptrs, v, mask, MASKED: tl.constexpr):  # type: ignore[no-untyped-def]
+        if MASKED:
+            tl.store(ptrs, v, mask=mask)
+        else:
+            tl.store(ptrs, v)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _rms_norm_rows(  # type: ignore[no-untyped-def]
+        block, x_ptr, w_ptr, out_ptr, rows, x_row_stride, H, eps,
+        BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr,
+        BY_HAND: tl.constexpr,
+    ):
+        r, cols, mask = row_block(block, rows, H, BLOCK_ROWS, BLOCK_H, WIDE)
+        # x streams through once; the weight is read by every block, so keep it in cache. Both
+        # loads are issued before either is used: one memory latency, not two.
+        x = load(x_ptr + r * x_row_stride + cols, mask, MASKED, "evict_first")  # (BLOCK_ROWS, BLOCK_H)
+        w = load(w_ptr + cols, cols < H, MASKED, "evict_last")  # (1, BLOCK_H)
+        out = normalize(x.to(tl.float32), w.to(tl.float32), H, eps, x.dtype, out_ptr.dtype.element_ty, BY_HAND)
+        store(out_ptr + r * H + cols, out, mask, MASKED)
+
     @triton.jit(do_not_specialize=["rows"])  # type: ignore[untyped-decorator]
     def _rms_norm_kernel(  # type: ignore[no-untyped-def]
         x_ptr,  # (rows, H), unit column stride
@@ -67,21 +109,32 @@ if HAS_TRITON:
         eps,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        LOOP: tl.constexpr,  # a persistent grid: each program walks blocks pid, pid + grid, ...
+        MASKED: tl.constexpr,  # some lane of some block is out of bounds (see kernel_flags)
+        WIDE: tl.constexpr,  # int64 row offsets
         BY_HAND: tl.constexpr,  # round bf16 by hand (the interpreter); see cast_rtne
     ):
-        cols = tl.arange(0, BLOCK_H)[None, :]  # (1, BLOCK_H)
-        col_mask = cols < H
-        # One program per block of rows, or a persistent grid walking the blocks.
-        for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_ROWS), tl.num_programs(0)):
-            # int64 rows: rows * H may exceed 2**31 (block * BLOCK_ROWS < rows fits int32)
-            r = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None].to(tl.int64)  # (BLOCK_ROWS, 1)
-            mask = (r < rows) & col_mask  # (BLOCK_ROWS, BLOCK_H)
-            # x streams through once; the weight is read by every block, so keep it in cache. Both
-            # loads are issued before either is used: one memory latency, not two.
-            x = tl.load(x_ptr + r * x_row_stride + cols, mask=mask, other=0.0, eviction_policy="evict_first")
-            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0, eviction_policy="evict_last")  # (1, BLOCK_H)
-            out = normalize(x.to(tl.float32), w.to(tl.float32), H, eps, x.dtype, out_ptr.dtype.element_ty, BY_HAND)
-            tl.store(out_ptr + r * H + cols, out, mask=mask)
+        if LOOP:
+            for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_ROWS), tl.num_programs(0)):
+                _rms_norm_rows(block, x_ptr, w_ptr, out_ptr, rows, x_row_stride, H, eps,
+                               BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND)
+        else:
+            _rms_norm_rows(tl.program_id(0), x_ptr, w_ptr, out_ptr, rows, x_row_stride, H, eps,
+                           BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND)
+
+
+def kernel_flags(cfg: LaunchConfig, x: torch.Tensor, rows: int, block_h: int, max_row_stride: int) -> dict[str, bool]:
+    """The kernels' compile-time switches for one launch (each removes work when it can).
+
+    LOOP: the grid is persistent. MASKED: hidden is not a power of two or the last block of rows
+    is partial, so loads and stores need a mask. WIDE: an element offset may reach 2**31.
+    BY_HAND: the Triton interpreter (CPU tensors) truncates bf16 casts; round by hand there.
+    """
+    hidden = x.shape[-1]
+    return {"LOOP": cfg.programs_per_sm > 0,
+            "MASKED": hidden != block_h or rows % cfg.block_rows != 0,
+            "WIDE": rows * max(max_row_stride, hidden) >= 2**31,
+            "BY_HAND": not x.is_cuda}
 
 
 def require_triton() -> None:
@@ -131,7 +184,7 @@ def rms_norm_triton(
     cfg = config or launch_config("rms_norm", hidden, x.element_size(), rows)
     _rms_norm_kernel[(cfg.grid(rows, num_sms(x.device)),)](
         x2d, unit_stride(weight), out, rows, x2d.stride(0), hidden, eps,
-        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h, BY_HAND=not x.is_cuda,
+        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h, **kernel_flags(cfg, x, rows, block_h, x2d.stride(0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
