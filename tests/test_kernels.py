@@ -322,9 +322,18 @@ def test_block_size_is_the_next_power_of_two_and_refuses_spilling_rows() -> None
 
 def test_launch_config_validates_itself() -> None:
     for bad in ({"block_rows": 3}, {"num_warps": 6}, {"num_warps": 64}, {"programs_per_sm": -1},
-                {"num_stages": 0}):
+                {"num_stages": 0}, {"chunk": 48}, {"chunk": -2}):
         with pytest.raises(ValueError):
-            LaunchConfig(**bad)
+            LaunchConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_launch_config_chunk_and_source() -> None:
+    assert LaunchConfig(1, 4).chunk_size(4096) == 4096  # one pass
+    assert LaunchConfig(1, 4, chunk=2048).chunk_size(4096) == 2048  # two passes
+    assert LaunchConfig(1, 4, chunk=8192).chunk_size(4096) == 4096  # a chunk past the row: one pass
+    for cfg in (LaunchConfig(1, 16), LaunchConfig(2, 8, 4, 2, 2048, False), LaunchConfig(1, 4, evict_first=False)):
+        assert eval(cfg.source(), {"LaunchConfig": LaunchConfig}) == cfg
+    assert LaunchConfig(1, 16, chunk=2048).source() == "LaunchConfig(1, 16, chunk=2048)"
 
 
 def test_grid_is_one_program_per_block_or_a_capped_persistent_grid() -> None:
@@ -348,8 +357,11 @@ def test_launch_table_lookup_by_rows_bucket_with_fallback() -> None:
 
 # Configurations run under the interpreter (and natively on a GPU): several rows per program,
 # a persistent grid that loops (the interpreter's device has one "multiprocessor"), pipelining,
-# and every configuration of the launch table.
-CONFIGS = sorted({LaunchConfig(4, 4), LaunchConfig(2, 2, 3), LaunchConfig(8, 1, 1, 2), *TABLE.values()},
+# two passes over chunks (96 columns in a block of 128: the last chunk of 32 is masked, and the
+# chunked persistent grid loops), the default cache hint, and every configuration of the table.
+CONFIGS = sorted({LaunchConfig(4, 4), LaunchConfig(2, 2, 3), LaunchConfig(8, 1, 1, 2),
+                  LaunchConfig(1, 2, chunk=32), LaunchConfig(2, 1, 3, chunk=64, evict_first=False),
+                  LaunchConfig(1, 4, evict_first=False), *TABLE.values()},
                  key=repr)
 
 

@@ -25,18 +25,28 @@ if HAS_TRITON:
     import triton  # type: ignore[import-untyped, unused-ignore]
     import triton.language as tl  # type: ignore[import-untyped, unused-ignore]
 
-    from reference_impl.kernels.rms_norm import cast_rtne, load, normalize, row_block, store
+    from reference_impl.kernels.rms_norm import (
+        cast_rtne,
+        inv_rms,
+        load,
+        normalize,
+        row_block,
+        row_chunks,
+        scale,
+        store,
+    )
 
     @triton.jit  # type: ignore[untyped-decorator]
     def _fused_rows(  # type: ignore[no-untyped-def]
         block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride, res_row_stride, H, eps,
         BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr,
-        BY_HAND: tl.constexpr,
+        BY_HAND: tl.constexpr, STREAM: tl.constexpr,
     ):
+        """One pass: each row of the block whole in registers."""
         r, cols, mask = row_block(block, rows, H, BLOCK_ROWS, BLOCK_H, WIDE)
-        # Inputs stream through once; the weight is read by every block (see rms_norm).
-        x = load(x_ptr + r * x_row_stride + cols, mask, MASKED, "evict_first")  # (BLOCK_ROWS, BLOCK_H)
-        res = load(res_ptr + r * res_row_stride + cols, mask, MASKED, "evict_first")  # (BLOCK_ROWS, BLOCK_H)
+        # Inputs stream through once (STREAM); the weight is read by every block (see rms_norm).
+        x = load(x_ptr + r * x_row_stride + cols, mask, MASKED, STREAM)  # (BLOCK_ROWS, BLOCK_H)
+        res = load(res_ptr + r * res_row_stride + cols, mask, MASKED, STREAM)  # (BLOCK_ROWS, BLOCK_H)
         w = load(w_ptr + cols, cols < H, MASKED, "evict_last")  # (1, BLOCK_H)
         # The add's result, rounded once to x's dtype, IS the new residual.
         s = cast_rtne(x.to(tl.float32) + res.to(tl.float32), x.dtype, BY_HAND)
@@ -44,6 +54,38 @@ if HAS_TRITON:
         # Normalize what was stored, as the reference does.
         out = normalize(s.to(tl.float32), w.to(tl.float32), H, eps, x.dtype, out_ptr.dtype.element_ty, BY_HAND)
         store(out_ptr + r * H + cols, out, mask, MASKED)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _fused_rows_chunked(  # type: ignore[no-untyped-def]
+        block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride, res_row_stride, H, eps,
+        BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
+        WIDE: tl.constexpr, BY_HAND: tl.constexpr, STREAM: tl.constexpr,
+    ):
+        """Two passes over chunks of CHUNK columns (see rms_norm's chunked kernel).
+
+        The first adds, stores the new residual and sums its squares; the second re-reads the
+        new residual just stored (from L2: one tensor, not x and the residual again), normalizes
+        and stores the output.
+        """
+        r, cols = row_chunks(block, rows, BLOCK_ROWS, CHUNK, WIDE)
+        acc = tl.zeros((BLOCK_ROWS, CHUNK), dtype=tl.float32)
+        for c in range(0, BLOCK_H, CHUNK):
+            mask = (r < rows) & (c + cols < H)
+            x = load(x_ptr + r * x_row_stride + c + cols, mask, MASKED, STREAM)  # (BLOCK_ROWS, CHUNK)
+            res = load(res_ptr + r * res_row_stride + c + cols, mask, MASKED, STREAM)
+            s = cast_rtne(x.to(tl.float32) + res.to(tl.float32), x.dtype, BY_HAND)
+            store(new_res_ptr + r * H + c + cols, s, mask, MASKED)
+            sf = s.to(tl.float32)
+            acc += sf * sf
+        rstd = inv_rms(tl.sum(acc, axis=1, keep_dims=True), H, eps)  # (BLOCK_ROWS, 1)
+        # The second pass reads what this program's threads stored: order those stores first.
+        tl.debug_barrier()
+        for c in range(0, BLOCK_H, CHUNK):
+            mask = (r < rows) & (c + cols < H)
+            s = load(new_res_ptr + r * H + c + cols, mask, MASKED, "evict_first")  # (BLOCK_ROWS, CHUNK)
+            w = load(w_ptr + c + cols, c + cols < H, MASKED, "evict_last")  # (1, CHUNK)
+            out = scale(s.to(tl.float32), rstd, w.to(tl.float32), s.dtype, out_ptr.dtype.element_ty, BY_HAND)
+            store(out_ptr + r * H + c + cols, out, mask, MASKED)
 
     @triton.jit(do_not_specialize=["rows"])  # type: ignore[untyped-decorator]
     def _fused_add_rms_norm_kernel(  # type: ignore[no-untyped-def]
@@ -59,18 +101,29 @@ if HAS_TRITON:
         eps,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_H: tl.constexpr,
-        LOOP: tl.constexpr,  # the flags: see rms_norm.kernel_flags
+        CHUNK: tl.constexpr,  # the flags: see rms_norm.kernel_flags
+        LOOP: tl.constexpr,
         MASKED: tl.constexpr,
         WIDE: tl.constexpr,
         BY_HAND: tl.constexpr,
+        STREAM: tl.constexpr,
     ):
         if LOOP:
             for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_ROWS), tl.num_programs(0)):
-                _fused_rows(block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride,
-                            res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND)
+                if CHUNK < BLOCK_H:
+                    _fused_rows_chunked(block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride,
+                                        res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, CHUNK, MASKED, WIDE,
+                                        BY_HAND, STREAM)
+                else:
+                    _fused_rows(block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride,
+                                res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND, STREAM)
+        elif CHUNK < BLOCK_H:
+            _fused_rows_chunked(tl.program_id(0), x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows,
+                                x_row_stride, res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, CHUNK, MASKED,
+                                WIDE, BY_HAND, STREAM)
         else:
             _fused_rows(tl.program_id(0), x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride,
-                        res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND)
+                        res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND, STREAM)
 
 
 def fused_add_rms_norm_triton(
@@ -96,7 +149,6 @@ def fused_add_rms_norm_triton(
     cfg = config or launch_config("fused_add_rms_norm", hidden, x.element_size(), rows)
     _fused_add_rms_norm_kernel[(cfg.grid(rows, num_sms(x.device)),)](
         x2d, res2d, unit_stride(weight), out, new_res, rows, x2d.stride(0), res2d.stride(0), hidden, eps,
-        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h,
         **kernel_flags(cfg, x, rows, block_h, max(x2d.stride(0), res2d.stride(0))),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

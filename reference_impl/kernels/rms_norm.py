@@ -43,6 +43,21 @@ if HAS_TRITON:
         return out
 
     @triton.jit  # type: ignore[untyped-decorator]
+    def inv_rms(sum_sq, H, eps):  # type: ignore[no-untyped-def]
+        """1 / sqrt(mean of squares + eps) of rows whose squares sum to sum_sq (BLOCK_ROWS, 1)."""
+        return tl.rsqrt(sum_sq / H + eps)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def scale(  # type: ignore[no-untyped-def]
+        xf, rstd, w, in_dtype: tl.constexpr, out_dtype: tl.constexpr, BY_HAND: tl.constexpr
+    ):
+        """HF's casts: (xf * rstd) rounded to the input dtype, times the fp32 weight w."""
+        y = cast_rtne(xf * rstd, in_dtype, BY_HAND)  # HF: .to(input_dtype)
+        # Exact product in fp32, rounded once to the output dtype: this is what
+        # torch's `weight * y` does for bf16/fp16 operands.
+        return cast_rtne(y.to(tl.float32) * w, out_dtype, BY_HAND)
+
+    @triton.jit  # type: ignore[untyped-decorator]
     def normalize(  # type: ignore[no-untyped-def]
         xf, w, H, eps, in_dtype: tl.constexpr, out_dtype: tl.constexpr, BY_HAND: tl.constexpr
     ):
@@ -50,11 +65,8 @@ if HAS_TRITON:
 
         Masked lanes hold 0, so they add nothing to the sum; divide by the true H.
         """
-        variance = tl.sum(xf * xf, axis=1, keep_dims=True) / H  # (BLOCK_ROWS, 1)
-        y = cast_rtne(xf * tl.rsqrt(variance + eps), in_dtype, BY_HAND)  # HF: .to(input_dtype)
-        # Exact product in fp32, rounded once to the output dtype: this is what
-        # torch's `weight * y` does for bf16/fp16 operands.
-        return cast_rtne(y.to(tl.float32) * w, out_dtype, BY_HAND)
+        rstd = inv_rms(tl.sum(xf * xf, axis=1, keep_dims=True), H, eps)  # (BLOCK_ROWS, 1)
+        return scale(xf, rstd, w, in_dtype, out_dtype, BY_HAND)
 
     @triton.jit  # type: ignore[untyped-decorator]
     def row_block(block, rows, H, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, WIDE: tl.constexpr):  # type: ignore[no-untyped-def]
@@ -67,6 +79,14 @@ if HAS_TRITON:
             r = r.to(tl.int64)
         cols = tl.arange(0, BLOCK_H)[None, :]  # (1, BLOCK_H)
         return r, cols, (r < rows) & (cols < H)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def row_chunks(block, rows, BLOCK_ROWS: tl.constexpr, CHUNK: tl.constexpr, WIDE: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Row indices (BLOCK_ROWS, 1) and chunk column indices (1, CHUNK) of block `block`."""
+        r = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]  # (BLOCK_ROWS, 1)
+        if WIDE:
+            r = r.to(tl.int64)
+        return r, tl.arange(0, CHUNK)[None, :]
 
     @triton.jit  # type: ignore[untyped-decorator]
     def load(ptrs, mask, MASKED: tl.constexpr, policy: tl.constexpr):  # type: ignore[no-untyped-def]
@@ -88,15 +108,43 @@ if HAS_TRITON:
     def _rms_norm_rows(  # type: ignore[no-untyped-def]
         block, x_ptr, w_ptr, out_ptr, rows, x_row_stride, H, eps,
         BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr,
-        BY_HAND: tl.constexpr,
+        BY_HAND: tl.constexpr, STREAM: tl.constexpr,
     ):
+        """One pass: each row of the block whole in registers."""
         r, cols, mask = row_block(block, rows, H, BLOCK_ROWS, BLOCK_H, WIDE)
-        # x streams through once; the weight is read by every block, so keep it in cache. Both
-        # loads are issued before either is used: one memory latency, not two.
-        x = load(x_ptr + r * x_row_stride + cols, mask, MASKED, "evict_first")  # (BLOCK_ROWS, BLOCK_H)
+        # x streams through once (STREAM: its cache hint); the weight is read by every block, so
+        # keep it in cache. Both loads are issued before either is used: one memory latency.
+        x = load(x_ptr + r * x_row_stride + cols, mask, MASKED, STREAM)  # (BLOCK_ROWS, BLOCK_H)
         w = load(w_ptr + cols, cols < H, MASKED, "evict_last")  # (1, BLOCK_H)
         out = normalize(x.to(tl.float32), w.to(tl.float32), H, eps, x.dtype, out_ptr.dtype.element_ty, BY_HAND)
         store(out_ptr + r * H + cols, out, mask, MASKED)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _rms_norm_rows_chunked(  # type: ignore[no-untyped-def]
+        block, x_ptr, w_ptr, out_ptr, rows, x_row_stride, H, eps,
+        BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
+        WIDE: tl.constexpr, BY_HAND: tl.constexpr, STREAM: tl.constexpr,
+    ):
+        """Two passes over chunks of CHUNK columns (inductor's looped reduction).
+
+        The first sums the squares, loading x with evict_last so that it stays in L2; the second
+        re-reads it from there, normalizes and stores. Same arithmetic as the one-pass kernel
+        except the order of the fp32 sum of squares.
+        """
+        r, cols = row_chunks(block, rows, BLOCK_ROWS, CHUNK, WIDE)
+        x_row = x_ptr + r * x_row_stride  # (BLOCK_ROWS, 1)
+        acc = tl.zeros((BLOCK_ROWS, CHUNK), dtype=tl.float32)
+        for c in range(0, BLOCK_H, CHUNK):
+            mask = (r < rows) & (c + cols < H)
+            xf = load(x_row + c + cols, mask, MASKED, "evict_last").to(tl.float32)  # (BLOCK_ROWS, CHUNK)
+            acc += xf * xf
+        rstd = inv_rms(tl.sum(acc, axis=1, keep_dims=True), H, eps)  # (BLOCK_ROWS, 1)
+        for c in range(0, BLOCK_H, CHUNK):
+            mask = (r < rows) & (c + cols < H)
+            x = load(x_row + c + cols, mask, MASKED, STREAM)  # (BLOCK_ROWS, CHUNK), from L2
+            w = load(w_ptr + c + cols, c + cols < H, MASKED, "evict_last")  # (1, CHUNK)
+            out = scale(x.to(tl.float32), rstd, w.to(tl.float32), x.dtype, out_ptr.dtype.element_ty, BY_HAND)
+            store(out_ptr + r * H + c + cols, out, mask, MASKED)
 
     @triton.jit(do_not_specialize=["rows"])  # type: ignore[untyped-decorator]
     def _rms_norm_kernel(  # type: ignore[no-untyped-def]
@@ -109,32 +157,49 @@ if HAS_TRITON:
         eps,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        CHUNK: tl.constexpr,  # columns per pass: BLOCK_H for one pass, less for two (see LaunchConfig)
         LOOP: tl.constexpr,  # a persistent grid: each program walks blocks pid, pid + grid, ...
         MASKED: tl.constexpr,  # some lane of some block is out of bounds (see kernel_flags)
         WIDE: tl.constexpr,  # int64 row offsets
         BY_HAND: tl.constexpr,  # round bf16 by hand (the interpreter); see cast_rtne
+        STREAM: tl.constexpr,  # cache hint of the streamed input: "evict_first" or "" (default)
     ):
         if LOOP:
             for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_ROWS), tl.num_programs(0)):
-                _rms_norm_rows(block, x_ptr, w_ptr, out_ptr, rows, x_row_stride, H, eps,
-                               BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND)
+                if CHUNK < BLOCK_H:
+                    _rms_norm_rows_chunked(block, x_ptr, w_ptr, out_ptr, rows, x_row_stride, H, eps,
+                                           BLOCK_ROWS, BLOCK_H, CHUNK, MASKED, WIDE, BY_HAND, STREAM)
+                else:
+                    _rms_norm_rows(block, x_ptr, w_ptr, out_ptr, rows, x_row_stride, H, eps,
+                                   BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND, STREAM)
+        elif CHUNK < BLOCK_H:
+            _rms_norm_rows_chunked(tl.program_id(0), x_ptr, w_ptr, out_ptr, rows, x_row_stride, H, eps,
+                                   BLOCK_ROWS, BLOCK_H, CHUNK, MASKED, WIDE, BY_HAND, STREAM)
         else:
             _rms_norm_rows(tl.program_id(0), x_ptr, w_ptr, out_ptr, rows, x_row_stride, H, eps,
-                           BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND)
+                           BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND, STREAM)
 
 
-def kernel_flags(cfg: LaunchConfig, x: torch.Tensor, rows: int, block_h: int, max_row_stride: int) -> dict[str, bool]:
+def kernel_flags(
+    cfg: LaunchConfig, x: torch.Tensor, rows: int, block_h: int, max_row_stride: int
+) -> dict[str, bool | int | str]:
     """The kernels' compile-time switches for one launch (each removes work when it can).
 
-    LOOP: the grid is persistent. MASKED: hidden is not a power of two or the last block of rows
-    is partial, so loads and stores need a mask. WIDE: an element offset may reach 2**31.
-    BY_HAND: the Triton interpreter (CPU tensors) truncates bf16 casts; round by hand there.
+    BLOCK_H: the row's block. CHUNK: columns per pass (BLOCK_H: one pass). LOOP: the grid is
+    persistent. MASKED: hidden is not a power of two or the last block of rows is partial, so
+    loads and stores need a mask. WIDE: an element offset may reach 2**31. BY_HAND: the Triton
+    interpreter (CPU tensors) truncates bf16 casts; round by hand there. STREAM: the cache hint
+    of the inputs read once.
     """
     hidden = x.shape[-1]
-    return {"LOOP": cfg.programs_per_sm > 0,
+    return {"BLOCK_ROWS": cfg.block_rows,
+            "BLOCK_H": block_h,
+            "CHUNK": cfg.chunk_size(block_h),
+            "LOOP": cfg.programs_per_sm > 0,
             "MASKED": hidden != block_h or rows % cfg.block_rows != 0,
             "WIDE": rows * max(max_row_stride, hidden) >= 2**31,
-            "BY_HAND": not x.is_cuda}
+            "BY_HAND": not x.is_cuda,
+            "STREAM": "evict_first" if cfg.evict_first else ""}
 
 
 def require_triton() -> None:
@@ -184,7 +249,7 @@ def rms_norm_triton(
     cfg = config or launch_config("rms_norm", hidden, x.element_size(), rows)
     _rms_norm_kernel[(cfg.grid(rows, num_sms(x.device)),)](
         x2d, unit_stride(weight), out, rows, x2d.stride(0), hidden, eps,
-        BLOCK_ROWS=cfg.block_rows, BLOCK_H=block_h, **kernel_flags(cfg, x, rows, block_h, x2d.stride(0)),
+        **kernel_flags(cfg, x, rows, block_h, x2d.stride(0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
