@@ -393,3 +393,24 @@ def test_ctrl_c_stops_the_run_within_seconds_and_keeps_what_finished(tmp_path: P
     assert len(records) >= 1 and all(json.loads(r) for r in records)
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["cases"]) == len(records)  # the report holds what finished
+
+
+def test_sigterm_under_the_ray_launcher_stops_the_run_and_keeps_what_finished(tmp_path: Path) -> None:
+    """A cancelled CI job sends SIGTERM. Under Ray, whose core worker installs a crash handler for
+    SIGTERM in the driver (log and abort: exit 134), the run still stops as for Ctrl-C: exit 130,
+    what finished kept and reported."""
+    out = tmp_path / "out"
+    ray_run = [*RUN[:RUN.index("--backend")], "--backend", "ray", *RUN[RUN.index("--backend") + 2:]]
+    proc = _cli([*ray_run, "--setups", "tp2-eager,tp2-pp2-eager", *SCENARIOS, "--out", str(out)])
+    _wait_for_records(out / "results.jsonl", 1, proc)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    print(err.decode()[-2000:])
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert time.monotonic() - start < 15
+    assert "interrupted" in err.decode()
+    records = (out / "results.jsonl").read_text().splitlines()
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(records) >= 1 and len(summary["cases"]) == len(records)
+

@@ -18,8 +18,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -118,21 +120,38 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        # A loopback head (ours, from another process) listens on loopback only: keep Ray from
-        # rewriting "127.0.0.1:port" to this host's routable IP, where nothing answers.
-        with loopback_node_ip() if is_loopback(address) else contextlib.nullcontext():
-            ray.init(address=address, logging_level=logging.WARNING)
+    with _keep_sigterm_handler():
+        if address:
+            # A loopback head (ours, from another process) listens on loopback only: keep Ray from
+            # rewriting "127.0.0.1:port" to this host's routable IP, where nothing answers.
+            with loopback_node_ip() if is_loopback(address) else contextlib.nullcontext():
+                ray.init(address=address, logging_level=logging.WARNING)
+            return
+        with loopback_node_ip():
+            ray.init(
+                address="local",  # never attach to someone else's `ray start` cluster on this host
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                logging_level=logging.WARNING,
+                log_to_driver=False,  # rank errors come back as WorkerError; logs stay in the session dir
+            )
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Ray's core worker installs a crash handler for SIGTERM in the driver (it logs the signal
+    and aborts: exit 134), which would replace ``parity run``'s (stop, keep what finished, exit
+    130). Put the Python-level handler back afterwards (from the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    with loopback_node_ip():
-        ray.init(
-            address="local",  # never attach to someone else's `ray start` cluster on this host
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
-            log_to_driver=False,  # rank errors come back as WorkerError; logs stay in the session dir
-        )
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 def actor_env() -> dict[str, str]:

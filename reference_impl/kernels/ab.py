@@ -92,7 +92,12 @@ def write_table(path: Path, chosen: dict[tuple[str, int, int], LaunchConfig]) ->
     text = path.read_text()
     for (kernel, row_bytes, bucket), cfg in chosen.items():
         pattern = re.compile(rf'^(    \("{kernel}", {row_bytes}, {bucket}\): )LaunchConfig\(.*\),$', re.M)
-        text, n = pattern.subn(lambda m, cfg=cfg: m.group(1) + cfg.source() + ",", text)
+        replacement = cfg.source() + ","
+
+        def entry(m: re.Match[str], replacement: str = replacement) -> str:
+            return m.group(1) + replacement
+
+        text, n = pattern.subn(entry, text)
         if n != 1:
             raise RuntimeError(f"no single table entry for {(kernel, row_bytes, bucket)} in {path}")
     path.write_text(text)

@@ -42,7 +42,7 @@ if HAS_TRITON:
             out = v.to(dtype)
         return out
 
-    @triton.jit  # type: ignore[untyped-decorator]
+    @triton.jit  # type: ignore[untyped-decorator,unused-ignore]
     def inv_rms(sum_sq, H, eps):  # type: ignore[no-untyped-def]
         """1 / sqrt(mean of squares + eps) of rows whose squares sum to sum_sq (BLOCK_ROWS, 1)."""
         return tl.rsqrt(sum_sq / H + eps)
