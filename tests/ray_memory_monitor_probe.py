@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -17,6 +18,27 @@ from harness.launch import RayLauncher, WorkerError  # noqa: E402
 from harness.launch.ray_launcher import ensure_ray  # noqa: E402
 
 from helpers import use_test_operations  # noqa: E402
+
+# After a kill, how long the node may take to give the killed rank's memory back.
+MEMORY_RELEASE_S = 60.0
+# How far under the monitor's threshold the node must be before new ranks start.
+RELEASE_MARGIN_MIB = 512
+
+
+def _used_mib() -> tuple[int, int]:
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total, available = (int(info[k].split()[0]) // 1024 for k in ("MemTotal", "MemAvailable"))
+    return total - available, total
+
+
+def _wait_for_memory_below_threshold() -> None:
+    threshold = float(os.environ["RAY_memory_usage_threshold"])
+    deadline = time.monotonic() + MEMORY_RELEASE_S
+    while time.monotonic() < deadline:
+        used, total = _used_mib()
+        if used < threshold * total - RELEASE_MARGIN_MIB:
+            return
+        time.sleep(0.2)
 
 
 def main() -> None:
@@ -32,6 +54,7 @@ def main() -> None:
                 print(json.dumps({"raised": False}))
             except WorkerError as err:
                 print(json.dumps({"raised": True, "rank": err.rank, "kind": err.kind, "detail": err.detail}))
+            _wait_for_memory_below_threshold()  # else the monitor kills the new ranks too
             print(json.dumps({"ping_after": launcher.call("ping")}))
         finally:
             launcher.close()
