@@ -21,8 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reference_impl.engine import DEVICES
-from reference_impl.loader import DTYPES
+from reference_impl.engine import check_dtype_and_device
 
 if TYPE_CHECKING:
     from harness.setup import ParallelSetup
@@ -46,10 +45,7 @@ class TransformersSpec:
     def __post_init__(self) -> None:
         if self.tp < 1:
             raise ValueError(f"tp={self.tp} must be >= 1")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: choose from {', '.join(DTYPES)}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device={self.device!r}: choose from {', '.join(DEVICES)}")
+        check_dtype_and_device(self.dtype, self.device)
 
     @property
     def world_size(self) -> int:
