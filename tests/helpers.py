@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -156,6 +157,13 @@ def join_cgroup_on_rank_1(worker: Any, cgroup: str) -> int:
             f.write(str(os.getpid()))
     dist.barrier()
     return os.getpid()
+
+
+def machine_memory_mib() -> tuple[int, int]:
+    """This machine's total and available memory, MiB (``/proc/meminfo``)."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total, available = (int(info[k].split()[0]) // 1024 for k in ("MemTotal", "MemAvailable"))
+    return total, available
 
 
 # How fast ``allocate_on_rank_1`` grows: 64 MiB every 50 ms (1.25 GiB/s), slow enough for Ray's

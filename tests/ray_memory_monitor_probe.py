@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from harness.launch import RayLauncher, WorkerError  # noqa: E402
 from harness.launch.ray_launcher import ensure_ray  # noqa: E402
 
-from helpers import use_test_operations  # noqa: E402
+from helpers import machine_memory_mib, use_test_operations  # noqa: E402
 
 # After a kill, how long the node may take to give the killed rank's memory back.
 MEMORY_RELEASE_S = 60.0
@@ -25,18 +25,12 @@ MEMORY_RELEASE_S = 60.0
 RELEASE_MARGIN_MIB = 512
 
 
-def _used_mib() -> tuple[int, int]:
-    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    total, available = (int(info[k].split()[0]) // 1024 for k in ("MemTotal", "MemAvailable"))
-    return total - available, total
-
-
 def _wait_for_memory_below_threshold() -> None:
     threshold = float(os.environ["RAY_memory_usage_threshold"])
     deadline = time.monotonic() + MEMORY_RELEASE_S
     while time.monotonic() < deadline:
-        used, total = _used_mib()
-        if used < threshold * total - RELEASE_MARGIN_MIB:
+        total, available = machine_memory_mib()
+        if total - available < threshold * total - RELEASE_MARGIN_MIB:
             return
         time.sleep(0.2)
 

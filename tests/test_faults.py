@@ -21,7 +21,7 @@ from harness.launch import MpLauncher, WorkerError
 from harness.launch.postmortem import RankWatch, memory_limits
 from parity.cli import main
 
-from helpers import FAULT_ENV
+from helpers import FAULT_ENV, machine_memory_mib
 
 REPO = Path(__file__).resolve().parents[1]
 # A failure must surface long before any built-in timeout: the launcher notices a dead rank
@@ -178,8 +178,7 @@ def test_real_ray_memory_monitor_kill_is_named_with_rank_and_memory_figures() ->
     """A Ray head of the test's own with a memory threshold just above the machine's present use;
     rank 1 allocates past it and Ray's memory monitor kills a rank. The error says so, with Ray's
     memory figures and the rank's peak RSS; the pool is rebuilt."""
-    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    total, available = (int(meminfo[k].split()[0]) // 1024 for k in ("MemTotal", "MemAvailable"))
+    total, available = machine_memory_mib()
     if available < RAY_OOM_ALLOCATE_MIB + RAY_OOM_HEADROOM_MIB + 2048:
         pytest.skip(f"needs {RAY_OOM_ALLOCATE_MIB + RAY_OOM_HEADROOM_MIB + 2048} MiB available, has {available}")
     threshold = (total - available + RAY_OOM_HEADROOM_MIB) / total
