@@ -91,6 +91,10 @@ class LauncherPool:
         """Devices reserved by this pool's rank processes (the in-process launcher reserves none)."""
         return sum(ws for ws, launcher in self._launchers.items() if ws > 1 or self.mutation is not None)
 
+    def world_sizes(self) -> list[int]:
+        """World sizes this pool holds launchers for."""
+        return list(self._launchers)
+
     def drop(self, world_size: int) -> None:
         launcher = self._launchers.pop(world_size, None)
         if launcher is not None:
@@ -108,13 +112,26 @@ class LauncherPool:
 
 
 def make_room(user: LauncherPool, other: LauncherPool, world_size: int) -> None:
-    """Before ``user`` starts ranks for ``world_size``: under a mutation the mutated and the clean
-    pool each keep rank processes, and on GPUs both may not fit (tp2 x pp2 twice on 4 GPUs), so
-    ``other``'s ranks go first (it restarts them, re-applying its mutation, when it next needs
-    them). CPU ranks are processes: there is always room."""
-    if other is user or user.device != "cuda":
+    """Before ``user`` starts ranks for ``world_size`` on GPUs, free devices until they fit: first
+    ``other``'s ranks (under a mutation the mutated and the clean pool each keep rank processes:
+    tp2 x pp2 twice does not fit on 4 GPUs; it restarts them, re-applying its mutation, when it
+    next needs them), then ``user``'s own ranks of other world sizes (a mutated pool's one-rank
+    oracle candidate needs a GPU that its tp2 ranks hold on 2 GPUs). CPU ranks are processes:
+    there is always room."""
+    if user.device != "cuda":
         return
     limit = available_devices(user.device) or 0
     needed = user.devices_to_start(world_size)
-    if needed and user.devices_held() + other.devices_held() + needed > limit:
+    if not needed:
+        return
+
+    def held() -> int:
+        return user.devices_held() + (other.devices_held() if other is not user else 0)
+
+    if other is not user and held() + needed > limit:
         other.close()
+    for ws in sorted(user.world_sizes(), reverse=True):
+        if held() + needed <= limit:
+            break
+        if ws != world_size:
+            user.drop(ws)

@@ -149,6 +149,23 @@ def test_mutated_and_clean_pools_share_the_gpus(monkeypatch: pytest.MonkeyPatch,
     assert not held.closed and orch.pool._launchers[4] is held
 
 
+@pytest.mark.parametrize(("gpus", "freed"), [(2, True), (3, False)])
+def test_a_mutated_pool_frees_its_own_ranks_for_another_world_size(monkeypatch: pytest.MonkeyPatch, gpus: int,
+                                                                  freed: bool) -> None:
+    """Seen on 2 GPUs under a mutation: the mutated pool's tp2 ranks held both GPUs and its
+    one-rank oracle candidate (a rank process under a mutation) waited for a GPU until Ray gave
+    up. The pool drops its own ranks of another world size when the new ones would not fit."""
+    import harness.pool
+    from harness.orchestrate import Orchestrator
+
+    monkeypatch.setattr(harness.pool, "available_devices", lambda device: gpus)
+    orch = Orchestrator(RunOptions(backend="mp", device="cuda", mutation="sp-middle-residual-slice"))
+    tp2 = _FakeLauncher()
+    orch.pool._launchers[2] = tp2  # type: ignore[assignment]
+    orch._make_room(orch.pool, ParallelSetup.parse("tp1-pp1-eager", "bfloat16", "cuda"))
+    assert tp2.closed is freed and (2 in orch.pool._launchers) is not freed
+
+
 # --- explicit baselines: exactly one feature apart ---------------------------------------------
 
 

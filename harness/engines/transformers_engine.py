@@ -4,6 +4,7 @@ per-layer activations through forward hooks."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Sequence
@@ -17,6 +18,15 @@ from harness.engines.transformers_tp import TransformersSpec
 from reference_impl.config import ModelConfig, load_config
 from reference_impl.loader import DTYPES
 from reference_impl.requests import Request, RequestOutput, validate_request
+
+
+@functools.cache
+def cache_field() -> str:
+    """The KV cache's name in a forward's output and keyword arguments: ``cache`` in the newer
+    transformers (5.24 here), ``past_key_values`` in older ones (5.17 on the GPU machines)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 def load_model(spec: TransformersSpec, device: torch.device) -> Any:
@@ -97,7 +107,7 @@ class TransformersEngine:
             if finished(req, out):
                 return out
             step = torch.tensor([[token]], device=self.device)  # (1, 1)
-            result = self.model(input_ids=step, cache=result.cache, use_cache=True)
+            result = self.model(input_ids=step, use_cache=True, **{cache_field(): getattr(result, cache_field())})
             logits = _local(result.logits)[0]
 
     def decoder_layers(self) -> list[Any]:
