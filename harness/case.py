@@ -9,7 +9,7 @@ from harness.setup import ParallelSetup
 
 STATUSES = ("pass", "fail", "error", "skip")
 # Record keys newer than the result-file format: written only when set, and optional on reading.
-OPTIONAL_KEYS = ("divergences",)
+OPTIONAL_KEYS = ("divergences", "texts")
 HF_BASELINE = "hf"
 # The oracle case of every gate: the one-device eager engine against Hugging Face transformers.
 ORACLE_SETUP = "tp1-pp1-eager"
@@ -60,6 +60,9 @@ class CaseResult:
     # Optional (records written before it lack the key): per request with a failing divergence,
     # its first failing divergence with both token streams (``harness.divergences``).
     divergences: list[dict[str, Any]] | None = None
+    # Optional: with a tokenizer, per request its prompt and both sides' generated text
+    # (``harness.divergences.text_records``).
+    texts: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

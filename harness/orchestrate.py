@@ -14,7 +14,7 @@ from harness import outcome
 from harness.baseline import BaselineCache, hf_generate
 from harness.case import Case, CaseResult
 from harness.compare import compare
-from harness.divergences import divergence_records
+from harness.divergences import divergence_records, text_records
 from harness.launch.base import EngineRun, WorkerError
 from harness.localize import localize_replay
 from harness.mutations import get_mutation
@@ -148,6 +148,7 @@ class Orchestrator:
             case, "pass" if verdict.passed else "fail", reason="" if verdict.passed else verdict.message(),
             first_divergence=divergence, localization=localization, metrics=metrics,
             sp_matches=matches, seconds=time.monotonic() - start, divergences=divergences,
+            texts=text_records(requests, run.outputs, base, self.checkpoint),
         )
 
     def _side(self, case: Case, side: str, produce: Callable[[], _T]) -> _T:
