@@ -143,7 +143,8 @@ class Orchestrator:
             divergences = divergence_records(verdict, run.outputs, base, forced, self.checkpoint)
         if not verdict.passed and divergence is not None and self.options.localize:
             localization = self.localize(case, requests, divergence["request_id"])
-        metrics = {**verdict.metrics, "policy": policy, **({"sp_note": sp_note} if sp_note else {})}
+        metrics = {**verdict.metrics, "policy": policy, **({"sp_note": sp_note} if sp_note else {}),
+                   **outcome.rank_memory(run.ranks)}
         return CaseResult.for_case(
             case, "pass" if verdict.passed else "fail", reason="" if verdict.passed else verdict.message(),
             first_divergence=divergence, localization=localization, metrics=metrics,

@@ -26,6 +26,26 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=900)
 ENGINE_CACHE_SIZE = 2
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far: ``VmHWM`` of ``/proc/self/status`` (Linux).
+    Not ``getrusage``'s ``ru_maxrss``, which keeps the peak of the process it was forked from
+    across ``exec`` (a rank started by a 500 MB driver would report at least 500 MB); 0 where
+    the file is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters ``model`` holds (a tied one once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 class Worker:
     """A rank's long-lived state: the process group (kept across cases) and the last engine."""
 
@@ -78,7 +98,7 @@ class Worker:
         reset_steps(runner.model_fn)
         outputs = runner.generate(requests)
         report = RankReport(self.rank, tuple(tuple(o.token_ids) for o in outputs),
-                            tuple(steps_report(runner.model_fn)))
+                            tuple(steps_report(runner.model_fn)), peak_rss_bytes(), weight_bytes(runner.model))
         return (outputs if self.rank == 0 else None), report
 
     def capture(self, spec: EngineSpec, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
