@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from harness.case import CaseResult
 from harness.divergences import text_records
-from harness.setup import MAX_NUM_BATCHED_TOKENS, MAX_MODEL_LEN
+from harness.setup import MAX_MODEL_LEN, MAX_NUM_BATCHED_TOKENS
 from reference_impl.config import load_config
 from reference_impl.loader import load_model
 from reference_impl.requests import RequestOutput
