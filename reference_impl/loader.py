@@ -125,33 +125,22 @@ class CheckpointWeights:
         return tensor.to(device=self.device, dtype=self.dtype).contiguous()
 
 
-def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape from the safetensors headers (no weights read); ``ValueError``
-    naming the file when one is not a complete safetensors file."""
-    return dict(CheckpointWeights(path).shapes)
-
-
 def check_checkpoint(path: str | Path) -> ModelConfig:
     """Check that ``path`` will load, without loading it: a supported config, complete
     safetensors files (those of its index, when sharded), every tensor the config implies present
     with its shape and a floating-point dtype. ``ValueError`` names the first problem."""
     path = Path(path)
     cfg = load_config(path)
-    weights = CheckpointWeights(path)
-    shapes = dict(weights.shapes)
+    weights = CheckpointWeights(path, tied=cfg.text.tie_word_embeddings)
     model = meta_model(cfg)
-    tied = cfg.text.tie_word_embeddings
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    if tied:
-        shapes.pop("lm_head.weight", None)
-    missing, unexpected = expected.keys() - shapes.keys(), shapes.keys() - expected.keys()
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    for name, shape in expected.items():
-        if shapes[name] != shape:
-            raise ValueError(f"{path}: tensor {name} has shape {list(shapes[name])} in the checkpoint; "
-                             f"the config implies {list(shape)}")
+    try:
+        check_complete(model, weights)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    for name, param in model.state_dict().items():
+        if weights.shapes[name] != tuple(param.shape):
+            raise ValueError(f"{path}: tensor {name} has shape {list(weights.shapes[name])} in the checkpoint; "
+                             f"the config implies {list(param.shape)}")
         if weights.stored[name] not in STORED_DTYPES:
             raise ValueError(f"{path}: tensor {name} is stored as {weights.stored[name]}; "
                              f"the engine reads {', '.join(STORED_DTYPES)}")
