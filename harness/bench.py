@@ -181,10 +181,10 @@ def memory(args: argparse.Namespace) -> None:
     how = "whole checkpoint loaded, then cut" if args.full_load else "each rank reads its slices"
     print(f"{args.model} tp={args.tp} pp={args.pp} {args.dtype}, {how}: MiB per rank (weights = the parameters "
           "the rank keeps; KV cache = its max_num_seqs x max_model_len cache)")
-    print("rank  before build  peak  after  weights  KV cache  peak - before  (peak - before) / weights  build s")
+    print("rank  before build  peak  after  weights  KV cache  peak - before  (peak - before - KV) / weights  build s")
     for rank, before, peak, after, weights, cache, seconds in rows:
         print(f"{rank:4d}  {before / mib:12.0f}  {peak / mib:4.0f}  {after / mib:5.0f}  {weights / mib:7.0f}  "
-              f"{cache / mib:8.0f}  {(peak - before) / mib:13.0f}  {(peak - before) / max(weights, 1):25.2f}  "
+              f"{cache / mib:8.0f}  {(peak - before) / mib:13.0f}  {(peak - before - cache) / max(weights, 1):30.2f}  "
               f"{seconds:7.1f}")
 
 
