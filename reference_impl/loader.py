@@ -72,8 +72,9 @@ class CheckpointWeights:
     block of rows and/or columns, converted to ``dtype`` on ``device``.
 
     Only the headers are read up front. Each read opens the tensor's file, copies out exactly the
-    requested slice and closes it again, so no mapping of the file outlives the read: what a rank
-    holds is what it keeps (the slices), plus one tensor's pages at a time.
+    requested slice into memory of its own and closes the file again, so no mapping of the file
+    outlives the read: what a rank holds is what it keeps (the slices), plus one tensor's pages
+    at a time.
     A tied checkpoint may omit ``lm_head.weight``: it reads as ``model.embed_tokens.weight``.
     """
 
@@ -122,7 +123,10 @@ class CheckpointWeights:
             part = f.get_slice(key)
             index = (rows or slice(None),) if cols is None else (rows or slice(None), cols)
             tensor = part[index]  # only these bytes are read, in the stored dtype
-        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+        # A copy even when the dtype matches: the slice may be a view of the whole tensor's memory
+        # map (measured: a bf16 row block of the embedding kept the 54 MiB mapping alive), and a
+        # rank owns its weights, not mappings of files that could change under it.
+        return tensor.to(device=self.device, dtype=self.dtype, copy=True).contiguous()
 
 
 def check_checkpoint(path: str | Path) -> ModelConfig:
