@@ -1,7 +1,9 @@
 """Baseline outputs: a disk cache keyed by what determines them, and the Hugging Face baseline.
 
-Key = (checkpoint hash, requests hash, the baseline's full ``EngineSpec`` without the checkpoint
-path (parallel degrees, dtype, device, ``EngineConfig``, ``CompileConfig``) or, for ``hf``, the
+Key = (checkpoint hash, requests hash, the baseline's full spec without the checkpoint path (the
+reference engine's ``EngineSpec``: parallel degrees, dtype, device, ``EngineConfig``,
+``CompileConfig``; another engine's spec with its identity: for transformers' TP its version,
+torch's and the adapter's source hash) or, for ``hf``, the
 transformers version and the source of ``hf_generate``, dtype, device, the engine's code hash and
 torch's version), so a change to any input that changes baseline outputs misses the cache.
 Entries are written atomically; concurrent xdist workers and consecutive runs share them.
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from reference_impl.engine import EngineSpec
+from harness.engines.base import BuildSpec
 from reference_impl.requests import Request, RequestOutput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +55,18 @@ def hf_code_hash() -> str:
     return _sha(inspect.getsource(hf_generate).encode(), inspect.getsource(_hf_one).encode())
 
 
-def baseline_identity(baseline: EngineSpec | str) -> str:
+def baseline_identity(baseline: BuildSpec | str) -> str:
     """What defines a baseline's outputs besides checkpoint, requests, dtype and device: an engine
     setup's spec without the checkpoint path (a different path to the same bytes is the same
-    baseline), or for ``hf`` the transformers version and the hash of ``hf_generate``'s source."""
-    if isinstance(baseline, EngineSpec):
-        return repr(dataclasses.replace(baseline, checkpoint=""))
+    baseline) with, for an engine other than the reference one, its identity (the
+    transformers engine: transformers' and torch's versions and its adapter's source hash); or for
+    ``hf`` the transformers version and the hash of ``hf_generate``'s source."""
+    if not isinstance(baseline, str):
+        from harness.engines import kind_of
+
+        spec = repr(dataclasses.replace(baseline, checkpoint=""))  # type: ignore[type-var]
+        identity = kind_of(baseline).identity()
+        return f"{spec}/{identity}" if identity else spec
     from importlib import metadata
 
     return f"{baseline}/transformers={metadata.version('transformers')}/{hf_code_hash()}"
@@ -93,7 +101,7 @@ class BaselineCache:
         self.root = root
 
     @staticmethod
-    def key(checkpoint: str, requests: Sequence[Request], baseline: EngineSpec | str, dtype: str,
+    def key(checkpoint: str, requests: Sequence[Request], baseline: BuildSpec | str, dtype: str,
             device: str) -> str:
         """The cache key of ``baseline`` (its ``EngineSpec``, or ``"hf"``) on ``requests``."""
         return _sha(checkpoint_hash(checkpoint).encode(), requests_hash(requests).encode(),

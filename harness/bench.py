@@ -132,7 +132,8 @@ def _memory_rank(rank: int, world: int, port: int, spec: object, full_load: bool
     import torch
     import torch.distributed as dist
 
-    from harness.launch.worker import peak_rss_bytes, weight_bytes
+    from harness.engines.base import weight_bytes
+    from harness.launch.worker import peak_rss_bytes
     from reference_impl.config import load_config
     from reference_impl.engine import EngineSpec, build_runner
     from reference_impl.loader import meta_model

@@ -9,15 +9,16 @@ from harness.setup import ParallelSetup
 
 STATUSES = ("pass", "fail", "error", "skip")
 # Record keys newer than the result-file format: written only when set, and optional on reading.
-OPTIONAL_KEYS = ("divergences", "texts")
+OPTIONAL_KEYS = ("divergences", "texts", "repeat")
 HF_BASELINE = "hf"
 # The oracle case of every gate: the one-device eager engine against Hugging Face transformers.
 ORACLE_SETUP = "tp1-pp1-eager"
 
 
 def is_oracle(setup_id: str, baseline_id: str) -> bool:
-    """Whether a case is the oracle case (it checks the engine, but no parallelism)."""
-    return setup_id == ORACLE_SETUP and baseline_id == HF_BASELINE
+    """Whether a case is the oracle case (it checks the engine, but no parallelism), on any engine
+    (``tp1-pp1-eager@transformers`` against ``hf`` too)."""
+    return setup_id.split("@")[0] == ORACLE_SETUP and baseline_id == HF_BASELINE
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,17 @@ class Case:
         return self.baseline if isinstance(self.baseline, str) else self.baseline.id
 
     @property
+    def cross_engine(self) -> bool:
+        """Whether the baseline runs on another engine than the candidate (same setup otherwise)."""
+        return isinstance(self.baseline, ParallelSetup) and self.baseline.engine != self.setup.engine
+
+    @property
     def id(self) -> str:
-        """``<setup>-<scenario>`` plus the model, e.g. ``tiny-llava/tp2-sp-graph-full-text``."""
-        return f"{self.model}/{self.setup.id}-{self.scenario}"
+        """``<setup>-<scenario>`` plus the model, e.g. ``tiny-llava/tp2-sp-graph-full-text``; a
+        cross-engine case ends in ``-vs-<baseline engine>`` (``tiny-qwen2/tp2-eager@transformers-
+        text-vs-reference``), so that it and the same setup against one device differ."""
+        suffix = f"-vs-{self.baseline.engine}" if isinstance(self.baseline, ParallelSetup) and self.cross_engine else ""
+        return f"{self.model}/{self.setup.id}-{self.scenario}{suffix}"
 
 
 @dataclass
@@ -63,6 +72,9 @@ class CaseResult:
     # Optional: with a tokenizer, per request its prompt and both sides' generated text
     # (``harness.divergences.text_records``).
     texts: list[dict[str, Any]] | None = None
+    # Optional (``--repeat N`` only): the case's N repeats, ``{"n", "statuses", "flaky",
+    # "differences", "seconds"}`` (``harness.repeat``).
+    repeat: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -14,14 +14,19 @@ from harness import outcome
 from harness.baseline import BaselineCache, hf_generate
 from harness.case import Case, CaseResult
 from harness.compare import compare
+from harness.compile_cache import use_compile_cache
 from harness.divergences import divergence_records, text_records
+from harness.engines import get_engine
 from harness.launch.base import EngineRun, WorkerError
 from harness.localize import localize_replay
 from harness.mutations import get_mutation
 from harness.plan import PlannedCase, RunOptions
 from harness.pool import LauncherPool, make_room
+from harness.repeat import Attempt
+from harness.repeat import merge as merge_repeats
 from harness.setup import ParallelSetup
-from harness.timeouts import case_timeouts
+from harness.timeouts import case_timeouts, load_factor
+from reference_impl.config import load_config
 from reference_impl.requests import Request, RequestOutput
 from scenarios.models import cache_root, resolve
 from scenarios.registry import get_scenario
@@ -42,6 +47,7 @@ class Orchestrator:
 
     def __init__(self, options: RunOptions, pool: LauncherPool | None = None) -> None:
         self.options = options
+        use_compile_cache()  # before any pool starts: ranks inherit the location
         if options.mutation is not None and options.fresh_workers:
             raise ValueError("--mutation patches pooled workers; it cannot be combined with --fresh-workers")
         self.pool = pool or LauncherPool(options.backend, options.device, options.fresh_workers, options.mutation)
@@ -59,12 +65,12 @@ class Orchestrator:
     def requests(self, scenario: str) -> list[Request]:
         """The scenario's requests, built once per run (every setup and every replay gets the same)."""
         if scenario not in self._requests:
-            self._requests[scenario] = get_scenario(scenario).requests(
+            self._requests[scenario] = get_scenario(scenario, self.options.requests_file).requests(
                 Path(self.checkpoint), self.options.dtype, self.options.seed, self.options.max_new_tokens)
         return list(self._requests[scenario])
 
     def baseline_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
-        spec = case.baseline if isinstance(case.baseline, str) else case.baseline.engine_spec(self.checkpoint)
+        spec = case.baseline if isinstance(case.baseline, str) else case.baseline.build_spec(self.checkpoint)
         key = BaselineCache.key(self.checkpoint, requests, spec, self.options.dtype, self.options.device)
         # A mutated baseline pool (a shared mutation) must neither read nor write the cache of
         # clean baselines.
@@ -97,12 +103,26 @@ class Orchestrator:
         return case_timeouts([planned], self.checkpoint, override=self.options.case_timeout)[planned.case.id]
 
     def run_case(self, planned: PlannedCase) -> CaseResult:
+        """The case's result: one run of it, or with ``--repeat N`` its N repeats merged
+        (``harness.repeat``: a case whose repeats differ in verdict or outputs is flaky). Only the
+        first failing repeat is localized."""
+        if planned.skip_reason:
+            return CaseResult.for_case(planned.case, "skip", reason=planned.skip_reason)
+        attempts: list[Attempt] = []
+        for _ in range(self.options.repeat):
+            localize = self.options.localize and not any(a.result.status == "fail" for a in attempts)
+            attempts.append(self._attempt(planned, localize))
+        return attempts[0].result if len(attempts) == 1 else merge_repeats(attempts)
+
+    def _attempt(self, planned: PlannedCase, localize: bool) -> Attempt:
         """``_run_case`` under the case's deadline: a call still running at its end is a hang,
         reported with every rank's stack (``harness.launch.postmortem``)."""
         self._timeout = self.case_timeout(planned)
+        if self.options.case_timeout is None:  # derived, not the user's: scaled by the load now
+            self._timeout *= load_factor()
         self.pool.deadline = self.baseline_pool.deadline = time.monotonic() + self._timeout
         try:
-            return self._run_case(planned)
+            return self._run_case(planned, localize)
         finally:
             self.pool.deadline = self.baseline_pool.deadline = None
 
@@ -111,14 +131,14 @@ class Orchestrator:
         self.pool.abort()
         self.baseline_pool.abort()
 
-    def _run_case(self, planned: PlannedCase) -> CaseResult:
+    def _run_case(self, planned: PlannedCase, localize: bool = True) -> Attempt:
         """Baseline, candidate, the checks of ``harness.outcome``, the comparison (with a forced
-        replay after a tolerated flip) and, on failure, localization: one final ``CaseResult``."""
+        replay after a tolerated flip) and, on failure, localization: one final ``CaseResult``,
+        with the candidate's outputs when it generated any."""
         case, start = planned.case, time.monotonic()
-        if planned.skip_reason:
-            return CaseResult.for_case(case, "skip", reason=planned.skip_reason)
         requests = self.requests(case.scenario)
         matches = None
+        run: EngineRun | None = None
         try:
             base = self._side(case, "baseline", lambda: self.baseline_outputs(case, requests))
             run = self._side(case, "candidate", lambda: self.candidate_run(case, requests))
@@ -135,32 +155,38 @@ class Orchestrator:
                 forced = self._side(case, "candidate", lambda: self.forced_replay(case, requests, base, replay_ids))
                 verdict = compare(run.outputs, base, policy, self.options.dtype, forced=forced)
         except _CaseOutcome as ended:
-            return CaseResult.for_case(case, ended.status, reason=ended.reason, sp_matches=matches,
-                                       seconds=time.monotonic() - start)
+            return Attempt(CaseResult.for_case(case, ended.status, reason=ended.reason, sp_matches=matches,
+                                               seconds=time.monotonic() - start), run.outputs if run else None)
         divergence = verdict.first_divergence.to_json() if verdict.first_divergence else None
         localization = divergences = None
         if not verdict.passed:
             divergences = divergence_records(verdict, run.outputs, base, forced, self.checkpoint)
-        if not verdict.passed and divergence is not None and self.options.localize:
+        if not verdict.passed and divergence is not None and localize:
             localization = self.localize(case, requests, divergence["request_id"])
         metrics = {**verdict.metrics, "policy": policy, **({"sp_note": sp_note} if sp_note else {}),
                    **outcome.rank_memory(run.ranks)}
-        return CaseResult.for_case(
+        return Attempt(CaseResult.for_case(
             case, "pass" if verdict.passed else "fail", reason="" if verdict.passed else verdict.message(),
             first_divergence=divergence, localization=localization, metrics=metrics,
             sp_matches=matches, seconds=time.monotonic() - start, divergences=divergences,
             texts=text_records(requests, run.outputs, base, self.checkpoint),
-        )
+        ), run.outputs)
 
     def _side(self, case: Case, side: str, produce: Callable[[], _T]) -> _T:
         """``produce()``, with its failure turned into the case's outcome: an exception in engine
         code is a ``fail`` (``outcome.worker_failure``), a crash, hang or lack of resources an
         ``error``."""
-        setup_id = case.setup.id if side == "candidate" else case.baseline_id
+        setup = case.setup if side == "candidate" else case.baseline
+        setup_id = setup.id if isinstance(setup, ParallelSetup) else setup
+        # Whose code raised is judged by the engine that side ran (``hf`` runs in this process).
+        paths = get_engine(setup.engine).code_paths if isinstance(setup, ParallelSetup) else outcome.ENGINE_PATHS
         try:
             return produce()
         except WorkerError as exc:
-            raise _CaseOutcome(*outcome.worker_failure(exc, side, setup_id, self._timeout)) from exc
+            status, reason = outcome.worker_failure(exc, side, setup_id, self._timeout, paths)
+            if status == "fail" and isinstance(setup, ParallelSetup):
+                reason = outcome.with_layout(reason, load_config(self.checkpoint).text, setup.tp)
+            raise _CaseOutcome(status, reason) from exc
         except (RuntimeError, TimeoutError, OSError) as exc:  # no resources, Ray, transformers
             raise _CaseOutcome("error", f"infrastructure: {side} {setup_id}: {type(exc).__name__}: {exc}") from exc
 

@@ -17,11 +17,13 @@ from harness.case import HF_BASELINE, Case
 from harness.launch.base import EngineRun, RankReport, WorkerError
 from harness.setup import ParallelSetup
 from reference_impl.compile.config import COLLECTIVES, SP_PATTERNS
+from reference_impl.config import TextConfig
 
 # How the reason of a case whose engine code raised begins (``parity selftest`` marks such catches).
 ENGINE_RAISED = "engine raised"
-# Frames of these paths in a rank's traceback are the engine under test (the catalogued
-# mutations patch it from harness/mutations): an exception raised through them is the engine's.
+# Frames of these paths in a rank's traceback are the reference engine (the catalogued mutations
+# patch it from harness/mutations): an exception raised through them is the engine's. Another
+# engine names its own (``EngineKind.code_paths``; transformers: its library and its adapter).
 ENGINE_PATHS = ("reference_impl/", "harness/mutations/")
 # Messages of communication failures: a peer that died or hung makes the others raise these,
 # through engine frames too, so they are infrastructure whatever the traceback holds.
@@ -33,11 +35,13 @@ INFRA_PATTERNS = re.compile(
 KIND_WORDS = {"died": "died", "timeout": "timed out", "startup": "failed to start"}
 
 
-def worker_failure(err: WorkerError, side: str, setup_id: str, case_timeout: float | None = None
-                   ) -> tuple[str, str]:
+def worker_failure(err: WorkerError, side: str, setup_id: str, case_timeout: float | None = None,
+                   code_paths: Sequence[str] = ENGINE_PATHS) -> tuple[str, str]:
     """``(status, reason)`` for a ``WorkerError`` raised while ``side`` ("candidate" |
-    "baseline") ``setup_id`` ran: ``fail`` when engine code raised in a rank, else ``error``
-    (``case_timeout``: the case's limit, named in the reason of a timeout)."""
+    "baseline") ``setup_id`` ran: ``fail`` when the engine's code (``code_paths``: the engine
+    that side ran) raised in a rank, else ``error`` (``case_timeout``: the case's limit, named in
+    the reason of a timeout). The reason names the side, the setup (whose id names its engine,
+    e.g. ``tp2-eager@transformers``), the rank, the exception and the innermost engine frame."""
     where = f"{side} {setup_id}" + (f", rank {err.rank}" if err.rank >= 0 else "")
     if err.kind == "timeout" and case_timeout is not None:
         where += f" (case timeout {case_timeout:.0f}s)"
@@ -46,7 +50,7 @@ def worker_failure(err: WorkerError, side: str, setup_id: str, case_timeout: flo
         # the evidence: the rank's last output lines, or every rank's stack.
         return "error", f"infrastructure: {where} {KIND_WORDS.get(err.kind, err.kind)}: {err.detail}"
     exception = _last_line(err.detail)
-    frame = _engine_frame(err.detail)
+    frame = _engine_frame(err.detail, code_paths)
     if INFRA_PATTERNS.search(exception):
         return "error", f"infrastructure: {where} lost its peers or resources: {exception}"
     if frame is None:
@@ -54,16 +58,32 @@ def worker_failure(err: WorkerError, side: str, setup_id: str, case_timeout: flo
     return "fail", f"{ENGINE_RAISED} in {where}: {exception} (at {frame})\n\n{err.detail}"
 
 
+def with_layout(reason: str, text: TextConfig, tp: int) -> str:
+    """``reason`` of a rank that raised, with the model's head layout under ``tp`` as its second
+    line (facts, not a diagnosis: a reshape error next to "fewer KV heads than TP ranks" explains
+    itself; the first line stays the headline)."""
+    if tp == 1:
+        return reason
+    layout = (f"layout: tp={tp}; num_attention_heads={text.num_heads}, num_key_value_heads={text.num_kv_heads}, "
+              f"head_dim={text.head_dim}")
+    if text.num_kv_heads < tp:
+        per_rank = text.num_kv_heads * text.head_dim / tp
+        layout += (f": fewer KV heads than TP ranks, so a k/v projection split by output features gives each "
+                   f"rank {per_rank:g} of one head's {text.head_dim} features unless the KV heads are replicated")
+    headline, _, rest = reason.partition("\n")
+    return f"{headline}\n{layout}\n{rest}"
+
+
 def _last_line(text: str) -> str:
     return next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
 
 
-def _engine_frame(traceback_text: str) -> str | None:
-    """The innermost traceback frame in engine code, as ``path:line in function``."""
+def _engine_frame(traceback_text: str, code_paths: Sequence[str] = ENGINE_PATHS) -> str | None:
+    """The innermost traceback frame in engine code (``code_paths``), as ``path:line in function``."""
     found = None
     for m in re.finditer(r'File "([^"]+)", line (\d+), in (\S+)', traceback_text):
         path = m.group(1).replace("\\", "/")
-        for root in ENGINE_PATHS:
+        for root in code_paths:
             if root in path:
                 found = f"{root}{path.split(root, 1)[1]}:{m.group(2)} in {m.group(3)}"
     return found

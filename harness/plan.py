@@ -4,7 +4,7 @@ oracle case per scenario), with a skip reason where a case cannot run here, and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from harness.case import HF_BASELINE, ORACLE_SETUP, Case
@@ -34,8 +34,20 @@ class RunOptions:
     allow_confounded: bool = False  # accept an explicit baseline that differs in several features
     fit: bool = False  # --fit: move each setup's tp to the nearest the model takes (harness/fit.py)
     case_timeout: float | None = None  # seconds a case may run (None: harness.timeouts derives it)
+    engine: str = "reference"  # --engine: the engine under test (harness.engines)
+    # --requests FILE: a requests file (scenarios.request_file), run as the scenario file:<stem>
+    requests_file: str | None = None
+    # --repeat N: each case's candidate runs N times; a case whose verdict or outputs differ
+    # between them is flaky, and fails (harness.repeat)
+    repeat: int = 1
 
     def __post_init__(self) -> None:
+        from harness.engines import DEFAULT_ENGINE, get_engine
+
+        get_engine(self.engine)
+        if self.mutation is not None and self.engine != DEFAULT_ENGINE:
+            raise ValueError(f"--mutation patches the reference engine's code; it cannot be combined with "
+                             f"--engine {self.engine}")
         if self.backend not in ("ray", "mp"):
             raise ValueError(f"backend {self.backend!r}: choose 'ray' or 'mp'")
         if self.case_timeout is not None and not self.case_timeout > 0:
@@ -44,6 +56,8 @@ class RunOptions:
             raise ValueError(f"--seed {self.seed}: must be >= 0")
         if self.mutation is not None and self.fresh_workers:
             raise ValueError("--mutation patches pooled workers; it cannot be combined with --fresh-workers")
+        if self.repeat < 1:
+            raise ValueError(f"--repeat {self.repeat}: must be >= 1 (the number of times each case runs)")
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,8 @@ BASELINE_RULE = ("a baseline must differ from the candidate in exactly one featu
 
 
 def baseline_for(setup: ParallelSetup, choice: str, allow_confounded: bool = False) -> ParallelSetup | str:
-    """The baseline of ``setup`` for ``--baseline choice`` ("auto" | "hf" | a setup id).
+    """The baseline of ``setup`` for ``--baseline choice`` ("auto" | "hf" | a setup id; an id
+    without ``@<engine>`` runs on the candidate's engine, ``tp2-eager@reference`` on the named one).
 
     An explicit id must differ from ``setup`` in exactly one feature (``ParallelSetup.differences``),
     so that a failure points at that feature; more than one is refused (``ValueError``) unless
@@ -80,7 +95,7 @@ def baseline_for(setup: ParallelSetup, choice: str, allow_confounded: bool = Fal
         return setup.auto_baseline()
     if choice == HF_BASELINE:
         return HF_BASELINE
-    base = ParallelSetup.parse(choice, setup.dtype, setup.device)
+    base = ParallelSetup.parse(choice, setup.dtype, setup.device, setup.engine)
     diff = setup.differences(base)
     if not diff:
         raise ValueError(f"{BASELINE_RULE}; {setup.id} vs {base.id} differs in nothing: "
@@ -93,12 +108,15 @@ def baseline_for(setup: ParallelSetup, choice: str, allow_confounded: bool = Fal
 
 def plan(matrix: Matrix, options: RunOptions, setups: Sequence[str] | None = None,
          scenarios: Sequence[str] | None = None) -> list[PlannedCase]:
-    """Cases of ``matrix`` (optionally narrowed), each with a skip reason where it cannot run."""
+    """Cases of ``matrix`` (optionally narrowed), each with a skip reason where it cannot run.
+    On an engine other than the reference one, ``--baseline auto`` gives every setup two cases
+    per scenario: against the same engine on one device, and against the reference engine in the
+    same setup (``cross_engine``)."""
     chosen = list(setups) if setups else list(matrix.setups)
-    setup_objs = [ParallelSetup.parse(s, options.dtype, options.device) for s in chosen]
-    names = list(scenarios) if scenarios else list(matrix.scenarios)
+    setup_objs = [ParallelSetup.parse(s, options.dtype, options.device, options.engine) for s in chosen]
+    names = scenario_names(matrix, options, scenarios)
     for name in names:
-        get_scenario(name)
+        get_scenario(name, options.requests_file)
     cfg = load_config(resolve(options.model))
     limit = available_devices(options.device)
     if options.fit:
@@ -108,18 +126,44 @@ def plan(matrix: Matrix, options: RunOptions, setups: Sequence[str] | None = Non
         for name in names:
             case = Case(setup, baseline_for(setup, options.baseline, options.allow_confounded), name,
                         options.model)
-            planned.append(PlannedCase(case, _skip_reason(case, cfg, limit)))
+            planned.append(PlannedCase(case, _skip_reason(case, cfg, limit, options.requests_file)))
+            if (cross := cross_engine(case, options)) is not None:
+                planned.append(PlannedCase(cross, _skip_reason(cross, cfg, limit, options.requests_file)))
     if matrix.oracle and not setups:
-        planned += [PlannedCase(c, _skip_reason(c, cfg, limit)) for c in oracle_cases(options, names)
+        planned += [PlannedCase(c, _skip_reason(c, cfg, limit, options.requests_file))
+                    for c in oracle_cases(options, names)
                     if c.id not in {p.case.id for p in planned}]
     return planned
+
+
+def cross_engine(case: Case, options: RunOptions) -> Case | None:
+    """Under ``--baseline auto`` on an engine other than the reference one: the same setup and
+    scenario against the reference engine (a one-device setup already has the oracle)."""
+    from harness.engines import DEFAULT_ENGINE
+
+    if options.baseline != "auto" or case.setup.engine == DEFAULT_ENGINE or case.setup.world_size == 1:
+        return None
+    return Case(case.setup, replace(case.setup, engine=DEFAULT_ENGINE), case.scenario, case.model)
+
+
+def scenario_names(matrix: Matrix, options: RunOptions, scenarios: Sequence[str] | None = None) -> list[str]:
+    """The run's scenarios: ``scenarios`` (else the matrix's), and a requests file's ``file:<stem>``;
+    with a requests file and no ``scenarios``, the file's alone."""
+    from scenarios.request_file import scenario_name
+
+    if options.requests_file is None:
+        return list(scenarios) if scenarios else list(matrix.scenarios)
+    names = list(scenarios or [])
+    own = scenario_name(options.requests_file)
+    return names if own in names else [*names, own]
 
 
 def oracle_cases(options: RunOptions, scenarios: Sequence[str]) -> list[Case]:
     """Per scenario: the one-device eager engine against Hugging Face transformers. Every other
     case compares the engine with itself, so a bug all setups share (the single-device code
-    path) passes them all; this case fails it."""
-    setup = ParallelSetup.parse(ORACLE_SETUP, options.dtype, options.device)
+    path) passes them all; this case fails it. (For the transformers engine it checks the
+    adapter: its own forward passes against transformers' ``generate``.)"""
+    setup = ParallelSetup.parse(ORACLE_SETUP, options.dtype, options.device, options.engine)
     return [Case(setup, HF_BASELINE, name, options.model) for name in scenarios]
 
 
@@ -135,15 +179,18 @@ def _fitted(setups: Sequence[ParallelSetup], cfg: Any, limit: int | None) -> lis
     return list(by_id.values())
 
 
-def _skip_reason(case: Case, cfg: Any, limit: int | None) -> str | None:
+def _skip_reason(case: Case, cfg: Any, limit: int | None, requests_file: str | None = None) -> str | None:
+    from harness.engines import get_engine
     from reference_impl.parallel import validate_parallel
 
-    reason = get_scenario(case.scenario).skip_reason(cfg)
+    reason = get_scenario(case.scenario, requests_file).skip_reason(cfg)
     if reason:
         return reason
     for setup in (case.setup, case.baseline):
         if not isinstance(setup, ParallelSetup):
             continue
+        if (cannot := get_engine(setup.engine).unsupported(setup)) is not None:
+            return f"{setup.id}: {cannot}"
         if limit is not None and setup.world_size > limit:
             return f"{setup.id} needs {setup.world_size} {setup.device} devices; {limit} available"
         try:

@@ -62,7 +62,7 @@ class LauncherPool:
         outputs and every rank's report."""
         launcher = self.get(setup.world_size)
         try:
-            return launcher.run_traced(setup.engine_spec(checkpoint, engine), requests, timeout=self.time_left())
+            return launcher.run_traced(setup.build_spec(checkpoint, engine), requests, timeout=self.time_left())
         except WorkerError:
             self.drop(setup.world_size)
             raise
@@ -74,7 +74,7 @@ class LauncherPool:
         """Every rank's activations of the requests' prefill under ``setup``."""
         launcher = self.get(setup.world_size)
         try:
-            out: list[dict[str, Any]] = launcher.call("capture", setup.engine_spec(checkpoint), requests,
+            out: list[dict[str, Any]] = launcher.call("capture", setup.build_spec(checkpoint), requests,
                                                       timeout=self.time_left())
         except WorkerError:
             self.drop(setup.world_size)

@@ -1,9 +1,10 @@
 """A run's settings, as recorded in ``summary.json``'s ``"run"`` and the report's header.
 
-What was run (matrix, setups, scenarios, model and its checkpoint hash), how it was judged
-(baseline mode, policy, the dtype's tolerances), where and how (dtype, device, backend, seed,
-mutation) and by what (command line, parity version, git sha), so that a report can be read,
-and the run repeated, without the shell history of whoever ran it.
+What was run (matrix, setups, scenarios, the engine under test, model and its checkpoint hash, a
+requests file and its hash), how it was judged (baseline mode, policy, the dtype's tolerances,
+repeats), where and how (dtype, device, backend, seed, mutation) and by what (command line, parity
+version, git sha), so that a report can be read, and the run repeated, without the shell history
+of whoever ran it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import asdict
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,6 +36,8 @@ def run_settings(options: RunOptions, matrix: str, setups: Sequence[str], scenar
         "scenarios": list(scenarios),
         "model": options.model,
         "checkpoint_hash": _checkpoint_hash(options.model),
+        "engine": options.engine,
+        "engine_identity": _engine_identity(options.engine),
         "engine_code": _engine_code(),
         "baseline": options.baseline,
         "policy": options.policy,
@@ -43,6 +47,9 @@ def run_settings(options: RunOptions, matrix: str, setups: Sequence[str], scenar
         "backend": options.backend,
         "seed": options.seed,
         "mutation": options.mutation,
+        "requests": str(Path(options.requests_file).resolve()) if options.requests_file else None,
+        "requests_hash": _requests_hash(options.requests_file),
+        "repeat": options.repeat,
         "command": shlex.join(argv),
         "version": _version(),
         "git_sha": _git_sha(),
@@ -57,6 +64,14 @@ def _engine_code() -> str:
     return engine_code_hash()
 
 
+def _engine_identity(name: str) -> str | None:
+    """What besides parity's code defines the engine under test (transformers' TP: the library's
+    and torch's versions and the adapter's source hash); None for the reference engine."""
+    from harness.engines import get_engine
+
+    return get_engine(name).identity() or None
+
+
 def _checkpoint_hash(model: str) -> str | None:
     """The hash of ``model``'s checkpoint files (the baseline cache's), or None if it cannot be read."""
     from harness.baseline import checkpoint_hash
@@ -65,6 +80,18 @@ def _checkpoint_hash(model: str) -> str | None:
     try:
         return checkpoint_hash(str(resolve(model)))
     except (OSError, ValueError):
+        return None
+
+
+def _requests_hash(requests_file: str | None) -> str | None:
+    """The hash of a ``--requests`` file and the tensor files it names, or None without one."""
+    if requests_file is None:
+        return None
+    from scenarios.request_file import file_digest
+
+    try:
+        return file_digest(requests_file)
+    except OSError:
         return None
 
 

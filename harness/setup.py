@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from reference_impl.compile.config import CompileConfig
 from reference_impl.engine import EngineSpec
 from reference_impl.runner import EngineConfig
+
+if TYPE_CHECKING:
+    from harness.engines.base import BuildSpec
 
 # The engine's step budget in every setup: small enough that the scenarios' long prompt is
 # chunked and steps mix prefill with decode.
@@ -27,7 +31,10 @@ _FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batching", ("chunked_prefill",)),
     ("dtype", ("dtype",)),
     ("device", ("device",)),
+    ("engine", ("engine",)),
 )
+# The engine of a setup whose id names none (the reference engine's ids carry no suffix).
+REFERENCE_ENGINE = "reference"
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,10 @@ class ParallelSetup:
     pass (needs compile != eager and tp > 1). compile: "eager" | "graph" | "inductor".
     partition: "full" | "piecewise" (compiled setups only). chunked_prefill: split long
     prompts over steps. sp_min_tokens: SP only for steps of at least this many tokens.
-    dtype: "float32" | "bfloat16". device: "cpu" | "cuda".
+    dtype: "float32" | "bfloat16". device: "cpu" | "cuda". engine: the engine under test
+    (``harness.engines``: "reference", or "transformers"; the id ends in ``@<engine>`` for any
+    but the reference engine). Whether an engine can express the setup is its ``unsupported``
+    (a skip reason at planning), not a construction error.
     """
 
     tp: int = 1
@@ -50,12 +60,16 @@ class ParallelSetup:
     sp_min_tokens: int = 0
     dtype: str = "float32"
     device: str = "cpu"
+    engine: str = REFERENCE_ENGINE
 
     def __post_init__(self) -> None:
         # The engine's configs check every field they carry (``EngineSpec``: degrees, dtype
         # against the engine's dtype table, device; ``CompileConfig``: mode, partition, SP);
         # building them is the validation. A setup adds only its own rule.
         self.engine_spec(checkpoint="")
+        from harness.engines import get_engine
+
+        get_engine(self.engine)
         if self.sp and self.tp == 1:
             raise ValueError("sp needs tp > 1: with one TP rank there is nothing to shard")
 
@@ -78,7 +92,13 @@ class ParallelSetup:
             parts.append(f"spmin{self.sp_min_tokens}")
         if not self.chunked_prefill:
             parts.append("nochunk")
-        return "-".join(parts)
+        engine = "" if self.engine == REFERENCE_ENGINE else f"@{self.engine}"
+        return "-".join(parts) + engine
+
+    @property
+    def layout_id(self) -> str:
+        """The id without the engine: ``tp2-eager@transformers`` -> ``tp2-eager``."""
+        return replace(self, engine=REFERENCE_ENGINE).id
 
     def __str__(self) -> str:
         return self.id
@@ -106,7 +126,8 @@ class ParallelSetup:
     def differences(self, other: ParallelSetup) -> list[str]:
         """The features in which ``other`` differs from this setup, in a fixed order: "tp/pp"
         (degrees), "sp" (SP and its minimum step size), "compile" (mode and partition),
-        "batching" (chunked prefill), "dtype", "device". A baseline should differ in exactly one."""
+        "batching" (chunked prefill), "dtype", "device", "engine". A baseline should differ in
+        exactly one (a cross-engine baseline: the same setup on another engine)."""
         return [name for name, fields in _FEATURES
                 if any(getattr(self, f) != getattr(other, f) for f in fields)]
 
@@ -120,24 +141,34 @@ class ParallelSetup:
             CompileConfig(self.compile, self.partition, self.sp, self.sp_min_tokens),
         )
 
+    def build_spec(self, checkpoint: str, engine: EngineConfig | None = None) -> BuildSpec:
+        """What a rank builds for this setup on its engine (``engine_spec`` for the reference
+        engine; ``engine``: the reference engine's batching limits, which others ignore)."""
+        from harness.engines import get_engine
+
+        return get_engine(self.engine).spec(self, checkpoint, engine)
+
     @classmethod
-    def parse(cls, setup_id: str, dtype: str = "float32", device: str = "cpu") -> ParallelSetup:
-        """Inverse of ``id``: ``tp2-pp2-sp-graph-piecewise`` -> ParallelSetup(...)."""
+    def parse(cls, setup_id: str, dtype: str = "float32", device: str = "cpu",
+              engine: str = REFERENCE_ENGINE) -> ParallelSetup:
+        """Inverse of ``id``: ``tp2-pp2-sp-graph-piecewise`` -> ParallelSetup(...); an id without
+        ``@<engine>`` takes ``engine``."""
         m = _ID.fullmatch(setup_id)
         if m is None:
             raise ValueError(
                 f"malformed setup id {setup_id!r}: expected tp<N>[-pp<N>][-sp]-<eager|graph|inductor>"
-                "[-<full|piecewise>][-spmin<N>][-nochunk], e.g. tp2-pp2-sp-graph-full"
+                "[-<full|piecewise>][-spmin<N>][-nochunk][@<engine>], e.g. tp2-pp2-sp-graph-full, "
+                "tp2-eager@transformers"
             )
         compile_mode = m["compile"]
         return cls(
             tp=int(m["tp"]), pp=int(m["pp"] or 1), sp=bool(m["sp"]), compile=compile_mode,
             partition=m["partition"] or "full", chunked_prefill=not m["nochunk"],
-            sp_min_tokens=int(m["spmin"] or 0), dtype=dtype, device=device,
+            sp_min_tokens=int(m["spmin"] or 0), dtype=dtype, device=device, engine=m["engine"] or engine,
         )
 
 
 _ID = re.compile(
     r"tp(?P<tp>\d+)(?:-pp(?P<pp>\d+))?(?P<sp>-sp)?-(?P<compile>eager|graph|inductor)"
-    r"(?:-(?P<partition>full|piecewise))?(?:-spmin(?P<spmin>\d+))?(?P<nochunk>-nochunk)?"
+    r"(?:-(?P<partition>full|piecewise))?(?:-spmin(?P<spmin>\d+))?(?P<nochunk>-nochunk)?(?:@(?P<engine>[a-z]+))?"
 )

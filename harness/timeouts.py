@@ -7,10 +7,17 @@ and never less than ``MIN_S``: generous enough for a machine whose cores are bus
 work (the estimate is of an idle one; measured slow-downs under full load stay below 4x) and for
 a pool's first case, which also starts its ranks and compiles. ``--case-timeout SECONDS``
 replaces it. A hung case ends at its timeout as an ``error`` with every rank's stack.
+
+A derived timeout also grows with the machine's load when the case starts (``load_factor``): on
+a machine whose cores are busy with other work every case runs slower in proportion to the run
+queue per core, which a fixed margin does not bound (measured: the smoke matrix with two
+busy-loop processes on this 2-core machine ran a compiled setup's first case past 120 s, 15x its
+idle estimate of 8 s).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +33,20 @@ MIN_S = 90.0
 # Checkpoint size up to which the estimate holds (the tiny models weigh ~1 MB; below this size
 # fixed costs dominate). Above it a case's time grows at most linearly with the weights.
 REFERENCE_WEIGHT_BYTES = 50 * 2**20
+
+
+# The load factor's cap: a load spike must not turn a hang's timeout into hours.
+MAX_LOAD_FACTOR = 8.0
+
+
+def load_factor() -> float:
+    """The 1-minute load average per core when above 1 (at most ``MAX_LOAD_FACTOR``), else 1:
+    how much slower than on an idle machine a case may run now."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return 1.0
+    return min(MAX_LOAD_FACTOR, max(1.0, load / (os.cpu_count() or 1)))
 
 
 def weight_bytes(checkpoint: str | Path) -> int:

@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from harness.matrix import get_matrix
     from harness.orchestrate import Orchestrator
-    from harness.plan import RunOptions, plan
+    from harness.plan import RunOptions, plan, scenario_names
     from harness.progress import Progress
     from harness.results import ResultStore, environment, exit_code
     from harness.run_meta import run_settings
@@ -73,10 +73,12 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend, device=args.device or matrix.device, dtype=args.dtype or matrix.dtype,
         baseline=args.baseline, model=args.model or matrix.model, fresh_workers=args.fresh_workers,
         mutation=args.mutation, seed=args.seed, policy=args.policy, fit=args.fit,
-        allow_confounded=args.allow_confounded, case_timeout=args.case_timeout,
+        allow_confounded=args.allow_confounded, case_timeout=args.case_timeout, engine=args.engine,
+        requests_file=args.requests, repeat=args.repeat,
     )
     planned = plan(matrix, options, _csv(args.setups), _csv(args.scenarios))
     preflight.check_model(options.model)
+    preflight.check_requests(options)
     if args.cases:
         wanted_ids = _csv(args.cases) or []
         unknown = sorted(set(wanted_ids) - {p.case.id for p in planned})
@@ -88,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.resume or args.out)
     preflight.check_out_dir(out)
     run = run_settings(options, matrix.name, _csv(args.setups) or list(matrix.setups),
-                       _csv(args.scenarios) or list(matrix.scenarios), sys.argv)
+                       scenario_names(matrix, options, _csv(args.scenarios)), sys.argv)
     settings = preflight.resume_settings(run, [p.case.id for p in planned])
     if args.resume:
         preflight.check_resume(out, settings)
@@ -98,8 +100,9 @@ def _run(args: argparse.Namespace) -> int:
     done = store.done_ids() if args.resume else set()
     todo = [p for p in planned if p.case.id not in done]
     print(f"parity run: matrix {matrix.name}, {len(planned)} cases ({len(planned) - len(todo)} already done), "
-          f"model {options.model}, backend {options.backend}, {options.device}/{options.dtype}, "
-          f"baseline {options.baseline}, out {out}", file=sys.stderr)
+          f"engine {options.engine}, model {options.model}, backend {options.backend}, "
+          f"{options.device}/{options.dtype}, baseline {options.baseline}, out {out}"
+          + (f", each case {options.repeat} times" if options.repeat > 1 else ""), file=sys.stderr)
     orchestrator = Orchestrator(options)
     if args.durations:  # measured case times: the timeouts follow them too (harness.timeouts)
         from harness.timeouts import case_timeouts
@@ -115,10 +118,24 @@ def _run(args: argparse.Namespace) -> int:
               f"continue with --resume {out}\nreport: {index.resolve()}  (exit {EXIT_INTERRUPTED})", file=sys.stderr)
         return EXIT_INTERRUPTED
     code = exit_code(results)
+    if options.repeat > 1:
+        _print_flaky(results, options.repeat)
     if code == EXIT_NOTHING_RAN:
         _explain_nothing_ran(results, planned, options)
     print(f"report: {index.resolve()}  (exit {code})", file=sys.stderr)
     return code
+
+
+def _print_flaky(results: Sequence[CaseResult], repeat: int) -> None:
+    """``--repeat``'s verdict on stderr: how many cases were flaky (0 included), and each one."""
+    from harness.repeat import flaky
+
+    ran = [r for r in results if r.status != "skip"]
+    found = flaky(results)
+    print(f"parity run: {len(found)} flaky of {len(ran)} cases run {repeat} times each"
+          + (" (a flaky case fails the run)" if found else ""), file=sys.stderr)
+    for r in found:
+        print(f"  FLAKY {r.id}: {r.reason.splitlines()[0]}", file=sys.stderr)
 
 
 def _run_cases(orchestrator: Orchestrator, todo: Sequence[PlannedCase], store: ResultStore,
@@ -234,6 +251,8 @@ def _list(args: argparse.Namespace) -> int:
     elif args.what == "scenarios":
         for sc in SCENARIOS.values():
             print(f"{sc.name:14s} {sc.description}")
+        print(f"{'file:<stem>':14s} the requests of --requests FILE (<stem>.json): ids, prompt-embeds and images "
+              "as safetensors (docs/requests.md)")
     elif args.what == "mutations":
         from harness.mutations import CATALOG
 
@@ -395,7 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scenarios", help="comma-separated scenarios (default: the matrix's)")
     run.add_argument("--model", help="built-in model name or local HF checkpoint dir (default: the matrix's: "
                      "tiny-llava, smollm2-135m for --matrix real)")
-    run.add_argument("--baseline", default="auto", help="auto | hf | a setup id")
+    # harness.engines.ENGINES' names, repeated: importing it pulls in torch, which --help should not wait for.
+    run.add_argument("--engine", default="reference", choices=["reference", "transformers"],
+                     help="the engine under test: parity's reference engine, or Hugging Face transformers' "
+                          "tensor parallelism (tp_plan='auto'; setups it cannot express are skipped)")
+    run.add_argument("--baseline", default="auto",
+                     help="auto | hf | a setup id (ID@reference: that setup on the reference engine); auto on "
+                          "--engine transformers compares each setup with the same engine on one device and with "
+                          "the reference engine")
     run.add_argument("--backend", default="ray", choices=["ray", "mp"])
     run.add_argument("--device", choices=["cpu", "cuda"], help="default: the matrix's")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the matrix's")
@@ -414,6 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--durations", metavar="DIR", help="an earlier run directory whose case times balance the shards")
     run.add_argument("--cases", help="comma-separated case ids to run (of the matrix's plan), e.g. a shard's list")
     run.add_argument("--seed", type=int, default=0, help="input seed of the scenarios")
+    run.add_argument("--requests", metavar="FILE",
+                     help="run the requests of FILE as the scenario file:<stem> under every setup (alone, or "
+                          "beside --scenarios): a JSON document {\"format\": \"parity-requests/1\", "
+                          "\"requests\": [{request_id, prompt_ids | prompt_embeds, images, max_new_tokens, "
+                          "top_k}]}, tensors in safetensors files beside it; checked against the model before "
+                          "anything runs (docs/requests.md)")
+    run.add_argument("--repeat", type=int, default=1, metavar="N",
+                     help="run each case's candidate N times (the baseline once, cached): a case whose verdict "
+                          "or outputs (tokens, logprobs, top-k, bit for bit) differ between repeats is flaky, "
+                          "and fails the run (docs/harness.md)")
     run.add_argument("--case-timeout", type=float, metavar="SECONDS",
                      help="seconds a case may run before it is a hang (an error with every rank's stack); "
                           "default: its expected cost with a margin (docs/reliability.md)")
@@ -495,7 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except (UsageError, ValueError) as exc:
-        print(f"parity: error: {exc}", file=sys.stderr)
+        # One line per problem (a requests file may have several: each on its own line).
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"parity: error: {line}", file=sys.stderr)
         return EXIT_USAGE
     return code
 

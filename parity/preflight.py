@@ -1,7 +1,8 @@
 """What ``parity run`` checks before anything runs or anything is written, so that bad input is
 exit 2 with one line naming the problem and no half-written output: the model's checkpoint
 (config, complete safetensors, every tensor with the shape its config implies), the output
-directory, and for ``--resume DIR`` that DIR was a run of the same matrix, model and settings.
+directory, a ``--requests`` file (every request against the model's config), and for
+``--resume DIR`` that DIR was a run of the same matrix, model and settings.
 
 A run records its settings in ``run.json`` (atomically) before its first case, so that a run
 killed at any moment can be resumed, and a resume with other settings refused.
@@ -14,14 +15,17 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from harness.plan import RunOptions
 
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.jsonl"
 # The settings a resumed run must share with the run it continues: what is run, on which model and
 # engine code, and how it is judged. (The command line, backend, git sha and timeouts may differ.)
-RESUME_KEYS = ("matrix", "setups", "scenarios", "model", "checkpoint_hash", "engine_code", "baseline",
-               "policy", "dtype", "device", "seed", "mutation", "planned")
+RESUME_KEYS = ("matrix", "setups", "scenarios", "model", "checkpoint_hash", "engine", "engine_identity", "engine_code",
+               "baseline", "policy", "dtype", "device", "seed", "mutation", "requests_hash", "repeat", "planned")
 
 
 class PreflightError(ValueError):
@@ -34,6 +38,23 @@ def check_model(model: str) -> None:
     from scenarios.models import resolve
 
     check_checkpoint(resolve(model))
+
+
+def check_requests(options: RunOptions) -> None:
+    """``--requests FILE`` holds valid requests for the model (``scenarios.request_file``: every
+    problem found, one line each); prompt-embeds are read in the run's dtype."""
+    if options.requests_file is None:
+        return
+    from reference_impl.config import load_config
+    from reference_impl.loader import DTYPES
+    from scenarios.models import resolve
+    from scenarios.request_file import load_requests, scenario_name
+
+    if "," in scenario_name(options.requests_file):
+        raise PreflightError(f"--requests {options.requests_file}: the file's name holds a comma; its scenario "
+                             f"{scenario_name(options.requests_file)} would not survive comma-separated lists "
+                             "(--scenarios, --cases): rename the file")
+    load_requests(options.requests_file, load_config(resolve(options.model)), DTYPES[options.dtype])
 
 
 def check_out_dir(out: Path) -> None:

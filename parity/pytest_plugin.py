@@ -2,7 +2,8 @@
 cluster for the tests that need one, and matrix cases as parametrized tests.
 
 - ``--parity-backend ray|mp``, ``--parity-device cpu|cuda``, ``--parity-matrix NAME``,
-  ``--parity-model NAME|PATH``, ``--parity-out DIR`` (write results.jsonl/summary/report there).
+  ``--parity-model NAME|PATH``, ``--parity-engine reference|transformers`` (the engine under
+  test), ``--parity-out DIR`` (write results.jsonl/summary/report there).
 - Markers (declared here only): ``gpu``, ``multi_gpu``, ``slow``; ``gpu``/``multi_gpu`` tests
   skip with a reason when the devices are missing.
 - ``ray_cluster`` (session fixture): the address of the Ray cluster the session's tests share,
@@ -48,6 +49,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity-matrix", default="smoke", help="matrix whose cases parametrize parity_case")
     group.addoption("--parity-model", default=None,
                     help="built-in model or local checkpoint dir (default: the matrix's)")
+    group.addoption("--parity-engine", default="reference", choices=["reference", "transformers"],
+                    help="the engine under test (default: reference; transformers: its tp_plan='auto' TP)")
     group.addoption("--parity-out", default=None, help="also record results and render a report here")
 
 
@@ -116,7 +119,8 @@ def _options(config: pytest.Config) -> RunOptions:
     matrix = get_matrix(config.getoption("--parity-matrix"))
     return RunOptions(backend=config.getoption("--parity-backend"),
                       device=config.getoption("--parity-device") or matrix.device,
-                      dtype=matrix.dtype, model=config.getoption("--parity-model") or matrix.model)
+                      dtype=matrix.dtype, model=config.getoption("--parity-model") or matrix.model,
+                      engine=config.getoption("--parity-engine"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -127,7 +131,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
     config = metafunc.config
     planned = plan(get_matrix(config.getoption("--parity-matrix")), _options(config))
-    metafunc.parametrize("parity_case", planned, ids=[f"{p.case.setup.id}-{p.case.scenario}" for p in planned])
+    # The case id without its model (a checkpoint path may hold "/"; setup ids and scenarios do not):
+    # ``tp2-sp-graph-full-text``, ``tp2-eager@transformers-text-vs-reference``.
+    metafunc.parametrize("parity_case", planned, ids=[p.case.id.rsplit("/", 1)[1] for p in planned])
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,14 @@ from reference_impl.runner import EngineConfig, LocalComm, Runner, StageComm
 DEVICES = ("cpu", "cuda")
 
 
+def check_dtype_and_device(dtype: str, device: str) -> None:
+    """Raise ``ValueError`` naming the choices when ``dtype`` or ``device`` is not one parity runs."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose from {', '.join(DTYPES)}")
+    if device not in DEVICES:
+        raise ValueError(f"device={device!r}: choose from {', '.join(DEVICES)}")
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """Everything a rank needs to build its part of the engine; identical on every rank.
@@ -37,10 +45,7 @@ class EngineSpec:
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise ValueError(f"tp={self.tp} and pp={self.pp} must be >= 1")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: choose from {', '.join(DTYPES)}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device={self.device!r}: choose from {', '.join(DEVICES)}")
+        check_dtype_and_device(self.dtype, self.device)
 
     @property
     def world_size(self) -> int:

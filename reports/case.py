@@ -10,6 +10,7 @@ divergence's token streams and ``token_text``) are optional: older records rende
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ Record = dict[str, Any]
 # A case record's optional keys with the value a missing one stands for.
 RECORD_DEFAULTS: dict[str, Any] = {"reason": "", "first_divergence": None, "localization": None,
                                    "sp_matches": None, "metrics": {}, "seconds": 0.0, "divergences": None,
-                                   "texts": None}
+                                   "texts": None, "repeat": None}
 # Steps of the token streams shown before and after a divergence.
 STREAM_BEFORE, STREAM_AFTER = 3, 4
 # What the localizer's errors measure (harness.localize.ERROR_UNIT), for records that predate it.
@@ -125,6 +126,27 @@ class HistoryTag:
 
 
 @dataclass(frozen=True)
+class RepeatView:
+    """A case run several times (``--repeat N``): ``flaky`` when its repeats differed, each
+    repeat's status and seconds, and each differing repeat's first output difference."""
+
+    n: int
+    flaky: bool
+    repeats: list[tuple[int, str, str]]  # (repeat, status, seconds)
+    differences: list[str]
+
+    @property
+    def tag(self) -> str:
+        return "FLAKY" if self.flaky else f"×{self.n}"
+
+    @property
+    def tip(self) -> str:
+        statuses = ", ".join(status for _, status, _ in self.repeats)
+        what = "differed" if self.flaky else "gave the same verdict and the same output bits"
+        return f"{self.n} repeats in this run {what}: {statuses}"
+
+
+@dataclass(frozen=True)
 class CaseView:
     """One case as the report shows it."""
 
@@ -138,6 +160,18 @@ class CaseView:
     sp: list[tuple[str, str]] = field(default_factory=list)
     history: HistoryTag | None = None
     texts: list[TextRow] = field(default_factory=list)
+    repeat: RepeatView | None = None
+
+    @property
+    def tags(self) -> list[tuple[str, str, str]]:
+        """The case's tags as ``(text, css class, tooltip)``: history (NEW, RECURRING, FLAKY across
+        runs), then this run's repeats (FLAKY, or ``×N`` when its N repeats agreed)."""
+        tags = [(t, t.lower(), self.history.tip) for t in self.history.tags] if self.history else []
+        if self.repeat is not None:
+            if self.repeat.flaky:
+                tags = [t for t in tags if t[0] != "FLAKY"]
+            tags.append((self.repeat.tag, "flaky" if self.repeat.flaky else "repeat", self.repeat.tip))
+        return tags
 
     @property
     def divergence(self) -> DivergenceView | None:
@@ -376,6 +410,29 @@ def history_tag(entry: Any) -> HistoryTag | None:
     return HistoryTag(tags, tip)
 
 
+def repeat_view(entry: Any) -> RepeatView | None:
+    """The view of a record's ``repeat`` (None: the case ran once, or a record without it)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("statuses"), list):
+        return None
+    seconds: list[Any] = entry["seconds"] if isinstance(entry.get("seconds"), list) else []
+    repeats = [(k, str(status), fmt(seconds[k - 1]) if k <= len(seconds) else "—")
+               for k, status in enumerate(entry["statuses"], start=1)]
+    diffs = [d for d in entry.get("differences") or [] if isinstance(d, dict)]
+    return RepeatView(int(entry.get("n") or len(repeats)), bool(entry.get("flaky")), repeats,
+                      [_difference(d) for d in diffs])
+
+
+def _difference(d: Mapping[str, Any]) -> str:
+    """A repeat's first output difference (``harness.repeat``'s record) in words."""
+    where = f"request {d['request_id']}" if "request_id" in d else "the batch"
+    if "step" in d:
+        where += f" step {d['step']}"
+    values: list[Any] = d["values"] if isinstance(d.get("values"), list) else []
+    # Every digit: two values that differ in their last bit must not print the same.
+    shown = " vs ".join(json.dumps(v, default=str) for v in values)
+    return f"repeat {d.get('repeat')} vs repeat {d.get('against')}: {where}, {d.get('field')} {shown}"
+
+
 def anchors(records: Sequence[Record]) -> list[str]:
     """Unique HTML ids derived from the case ids."""
     seen: dict[str, int] = {}
@@ -416,4 +473,5 @@ def case_view(record: Record, anchor: str, run: Mapping[str, Any] | None = None,
         localization=localization_view(r["localization"]), repro=reproduce_command(r, run),
         sp=sp_rows(r["sp_matches"]), texts=text_rows(r["texts"]),
         history=history_tag(cases.get(r["id"])) if isinstance(cases, dict) else None,
+        repeat=repeat_view(r["repeat"]),
     )

@@ -85,9 +85,10 @@ def ranges(rows: Sequence[Any]) -> str:
 # ``parity run`` options that rerun one case as the run ran it: (option, run setting, default).
 # A setting at its default is left out; --setups, --scenarios and --model come from the case.
 _RERUN_OPTIONS = (
-    ("--baseline", "baseline", None), ("--policy", "policy", "auto"), ("--mutation", "mutation", None),
+    ("--engine", "engine", "reference"), ("--baseline", "baseline", None), ("--policy", "policy", "auto"),
+    ("--mutation", "mutation", None),
     ("--dtype", "dtype", None), ("--device", "device", None), ("--backend", "backend", "ray"),
-    ("--seed", "seed", 0),
+    ("--seed", "seed", 0), ("--requests", "requests", None), ("--repeat", "repeat", 1),
 )
 
 

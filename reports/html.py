@@ -181,7 +181,8 @@ def verdict(cases: Sequence[CaseView]) -> str:
         return "FAIL"
     if "error" in statuses:
         return "ERROR"
-    parallel = [c for c in cases if (c.result["setup"], c.result["baseline"]) != ORACLE]
+    # On any engine: ``tp1-pp1-eager@transformers`` against ``hf`` is that engine's oracle case.
+    parallel = [c for c in cases if (c.result["setup"].split("@")[0], c.result["baseline"]) != ORACLE]
     if "pass" not in statuses or (parallel and all(c.result["status"] == "skip" for c in parallel)):
         return "NOTHING RAN"
     return "PASS"
@@ -195,6 +196,10 @@ def _verdict_line(totals: Mapping[str, int], cases: Sequence[CaseView], fixed: S
               for s in ("error", "pass", "skip") if totals[s]]
     tags = [t for c in cases if c.history is not None for t in c.history.tags]
     parts += [f"{tags.count(t)} {t.lower()}" for t in ("NEW", "RECURRING", "FLAKY") if t in tags]
+    repeated = [c.repeat for c in cases if c.repeat is not None]
+    if repeated:
+        flaky = sum(r.flaky for r in repeated)
+        parts.append(f"{flaky} flaky over {max(r.n for r in repeated)} repeats")
     if fixed:
         parts.append(f"{len(fixed)} fixed since the previous run")
     return ", ".join(parts)

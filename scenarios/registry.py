@@ -1,5 +1,6 @@
 """The scenario registry: each scenario by name, the requests it sends (built by ``scenarios.inputs``)
-and what a model must support to run them. Scenarios are data."""
+and what a model must support to run them; and the scenario of a requests file
+(``parity run --requests FILE``, ``scenarios.request_file``), named ``file:<stem>``. Scenarios are data."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from reference_impl.config import ModelConfig, load_config
 from reference_impl.loader import DTYPES
 from reference_impl.requests import Request
 from scenarios import inputs, prompts
+from scenarios.request_file import SCENARIO_PREFIX, load_requests, scenario_name
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,41 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def get_scenario(name: str) -> Scenario:
+@dataclass(frozen=True)
+class FileScenario:
+    """The requests of a file (``scenarios.request_file``): the same for every seed and dtype
+    (prompt-embeds are cast to the run's), each with its own ``max_new_tokens`` and ``top_k``."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return scenario_name(self.path)
+
+    @property
+    def description(self) -> str:
+        return f"requests from {self.path}"
+
+    def skip_reason(self, cfg: ModelConfig) -> str | None:
+        return None  # a file the model cannot take is refused before the run (load_requests)
+
+    def requests(self, checkpoint: Path, dtype: str, seed: int = 0, max_new_tokens: int = 16) -> list[Request]:
+        return load_requests(self.path, load_config(checkpoint), DTYPES[dtype])
+
+
+AnyScenario = Scenario | FileScenario
+
+
+def get_scenario(name: str, requests_file: str | Path | None = None) -> AnyScenario:
+    """The scenario ``name``: a registered one, or ``file:<stem>`` of ``requests_file``."""
+    if name.startswith(SCENARIO_PREFIX):
+        if requests_file is None:
+            raise ValueError(f"scenario {name!r} is a requests file's: give the file with --requests FILE")
+        if name != scenario_name(requests_file):
+            raise ValueError(f"scenario {name!r} is not the one of --requests {requests_file} "
+                             f"({scenario_name(requests_file)})")
+        return FileScenario(Path(requests_file))
     if name not in SCENARIOS:
-        raise ValueError(f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}")
+        raise ValueError(f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}, "
+                         f"or {SCENARIO_PREFIX}<stem> with --requests FILE")
     return SCENARIOS[name]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,6 +147,54 @@ def hang_on_rank_1(worker: Any) -> None:
     dist.barrier()
 
 
+def join_cgroup_on_rank_1(worker: Any, cgroup: str) -> int:
+    """Rank 1 moves its own process into the memory cgroup ``cgroup`` (cgroup v1's
+    ``cgroup.procs``); returns its pid."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    dist.barrier()
+    return os.getpid()
+
+
+def machine_memory_mib() -> tuple[int, int]:
+    """This machine's total and available memory, MiB (``/proc/meminfo``)."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    total, available = (int(info[k].split()[0]) // 1024 for k in ("MemTotal", "MemAvailable"))
+    return total, available
+
+
+# How fast ``allocate_on_rank_1`` grows: 64 MiB every 50 ms (1.25 GiB/s), slow enough for Ray's
+# memory monitor (polling every 100 ms in its test) to act before the machine runs short.
+ALLOCATE_STEP_MIB = 64
+ALLOCATE_PAUSE_S = 0.05
+
+
+def allocate_on_rank_1(worker: Any, mib: int) -> None:
+    """Rank 1 allocates and touches up to ``mib`` MiB, step by step (in a memory cgroup: past
+    its limit, so the kernel's OOM killer ends it; under Ray: past the memory monitor's
+    threshold), while rank 0 waits in a barrier that rank 1 never joins."""
+    import time
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        print(f"rank 1: allocating {mib} MiB", flush=True)
+        blocks = []
+        for _ in range(0, mib, ALLOCATE_STEP_MIB):
+            blocks.append(bytearray(ALLOCATE_STEP_MIB * 2**20))  # touched: bytearray zero-fills
+            time.sleep(ALLOCATE_PAUSE_S)
+        print(f"rank 1: still alive with {len(blocks) * ALLOCATE_STEP_MIB} MiB", flush=True)
+    dist.barrier()
+
+
+def niceness(worker: Any) -> int:
+    """The rank process's nice value."""
+    return os.nice(0)
+
+
 def gather_residual_probe(worker: Any) -> list[float]:
     """In a tp2 worker: the pipeline hand-off's gather of a shard whose rows hold ``rank + 1``."""
     from reference_impl.parallel import init_parallel
@@ -159,13 +208,17 @@ def gather_residual_probe(worker: Any) -> list[float]:
 
 
 TEST_OPERATIONS = {fn.__name__: fn for fn in (raise_on_rank_1, exit_on_rank_1, kill_self_on_rank_1, hang_on_rank_1,
-                                               gather_residual_probe)}
+                                               join_cgroup_on_rank_1, allocate_on_rank_1, niceness, gather_residual_probe)}
 
 # A fault for a whole run (``parity run`` in a test): ``KIND:RANK:MARKER`` makes rank RANK, on its
 # first ``generate`` while the file MARKER does not exist, create MARKER and then be killed by
-# SIGKILL (``kill``) or sleep instead of generating (``hang``). The marker makes the fault strike
-# once: the pool rebuilt after it runs clean.
+# SIGKILL (``kill``) or sleep instead of generating (``hang``), or generate and then change the
+# first request's first chosen-token logprob (rank 0 holds the outputs) by ``NONDETERMINISM``'s
+# amount: ``nudge`` (far within the tolerance: the verdict stays, the output bits change) or
+# ``skew`` (beyond it: that generation fails). The marker makes the fault strike once: the pool
+# rebuilt after it runs clean, and of a case's repeats (``--repeat``) only the first differs.
 FAULT_ENV = "PARITY_TEST_FAULT"
+NONDETERMINISM = {"nudge": 2.0**-20, "skew": 0.5}
 
 
 def _faulty(generate: Any) -> Any:
@@ -178,6 +231,10 @@ def _faulty(generate: Any) -> Any:
             with open(marker, "w") as f:
                 f.write(str(os.getpid()))
             print(f"rank {worker.rank}: injected fault {kind!r} before generating", flush=True)
+            if kind in NONDETERMINISM:
+                outputs, report = generate(worker, *args)
+                outputs[0].logprobs[0] -= NONDETERMINISM[kind]
+                return outputs, report
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(3600)

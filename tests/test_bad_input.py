@@ -116,6 +116,58 @@ def empty_dir(tmp: Path) -> Path:
     return path
 
 
+def _requests(tmp: Path, entry: dict[str, object], **tensors: object) -> Path:
+    """A requests file (scenarios.request_file) of one request, with its tensors in t.safetensors."""
+    from safetensors.torch import save_file
+
+    from scenarios.request_file import FORMAT
+
+    if tensors:
+        save_file(tensors, str(tmp / "t.safetensors"))  # type: ignore[arg-type]
+    path = tmp / "reqs.json"
+    path.write_text(json.dumps({"format": FORMAT, "requests": [entry]}))
+    return path
+
+
+def requests_not_json(tmp: Path) -> Path:
+    path = tmp / "reqs.json"
+    path.write_text('{"format": "parity-requests/1", "requests": [')
+    return path
+
+
+def requests_missing_field(tmp: Path) -> Path:
+    return _requests(tmp, {"request_id": "a", "max_new_tokens": 4})
+
+
+def requests_id_out_of_vocab(tmp: Path) -> Path:
+    return _requests(tmp, {"request_id": "a", "prompt_ids": [1, 2, 512]})  # tiny-llama: 512 ids
+
+
+def requests_embeds_wrong_shape(tmp: Path) -> Path:
+    import torch
+
+    return _requests(tmp, {"request_id": "a", "prompt_embeds": "t.safetensors#e"}, e=torch.zeros(4, 32))
+
+
+def requests_embeds_wrong_dtype(tmp: Path) -> Path:
+    import torch
+
+    return _requests(tmp, {"request_id": "a", "prompt_embeds": "t.safetensors#e"},
+                     e=torch.zeros(4, 64, dtype=torch.int32))
+
+
+def requests_image_wrong_size(tmp: Path) -> Path:
+    import torch
+
+    # tiny-llava: 16 placeholders (id 500) per 3 x 32 x 32 image
+    return _requests(tmp, {"request_id": "a", "prompt_ids": [1, *[500] * 16, 2], "images": ["t.safetensors#img"]},
+                     img=torch.rand(3, 28, 28))
+
+
+def requests_missing_tensor_file(tmp: Path) -> Path:
+    return _requests(tmp, {"request_id": "a", "prompt_embeds": "embeds.safetensors"})
+
+
 # (id, arguments after BASE with {ckpt}/{path} filled in, how the path is made, what the line says)
 Make = Callable[[Path], Path] | None
 CASES: list[tuple[str, list[str], Make, str]] = [
@@ -157,6 +209,26 @@ CASES: list[tuple[str, list[str], Make, str]] = [
     ("resume a missing directory", ["--resume", "{tmp}/nowhere"], None, "no such directory"),
     ("resume a directory without a run", ["--resume", "{path}"], empty_dir, "holds no run to resume"),
     ("resume another model's run", ["--resume", "{path}"], other_run, "a different run (model"),
+    ("requests file missing", ["--requests", "{tmp}/nowhere.json"], None, "nowhere.json: no such file"),
+    ("requests file not JSON", ["--requests", "{path}"], requests_not_json, "reqs.json: not valid JSON"),
+    ("request missing a field", ["--requests", "{path}"], requests_missing_field,
+     "request 'a': missing field 'prompt_ids' or 'prompt_embeds'"),
+    ("request id out of vocab", ["--requests", "{path}"], requests_id_out_of_vocab,
+     "prompt_ids[2] = 512 is outside the model's vocabulary [0, 512)"),
+    ("prompt-embeds of the wrong shape", ["--requests", "{path}"], requests_embeds_wrong_shape,
+     "prompt_embeds t.safetensors#e has shape [4, 32]; the model needs [n, 64]"),
+    ("prompt-embeds of the wrong dtype", ["--requests", "{path}"], requests_embeds_wrong_dtype,
+     "has dtype int32; expected a floating dtype"),
+    ("image of the wrong size", ["--model", "tiny-llava", "--requests", "{path}"], requests_image_wrong_size,
+     "images[0] t.safetensors#img has shape [3, 28, 28]; the model's vision tower takes [channels, size, size] "
+     "= [3, 32, 32]"),
+    ("requests' tensor file missing", ["--requests", "{path}"], requests_missing_tensor_file,
+     "prompt_embeds embeds.safetensors: no such file"),
+    ("requests file name with a comma", ["--requests", "{tmp}/a,b.json"], None, "the file's name holds a comma"),
+    ("file scenario without --requests", ["--scenarios", "file:mine"], None,
+     "scenario 'file:mine' is a requests file's: give the file with --requests FILE"),
+    ("repeat zero", ["--repeat", "0"], None, "--repeat 0: must be >= 1"),
+    ("repeat not a number", ["--repeat", "twice"], None, "invalid int value: 'twice'"),
 ]
 
 

@@ -5,12 +5,14 @@ is lost."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from harness.launch import MpLauncher, WorkerError
 from harness.launch.postmortem import RankWatch, memory_limits
 from parity.cli import main
 
-from helpers import FAULT_ENV
+from helpers import FAULT_ENV, machine_memory_mib
 
 REPO = Path(__file__).resolve().parents[1]
 # A failure must surface long before any built-in timeout: the launcher notices a dead rank
@@ -90,8 +92,9 @@ def _cgroup_v1(path: Path, limit: int, peak: int, oom_kills: int) -> Path:
 
 
 def test_kernel_oom_kill_is_named_with_the_memory_figures(tmp_path: Path) -> None:
-    """The kernel's OOM killer is not induced on a shared machine: its traces are. The cgroup's
-    ``oom_kill`` counter rises during the call, and the rank died by SIGKILL."""
+    """The kernel's OOM killer's traces, on fake cgroup files (cgroup v1): the cgroup's
+    ``oom_kill`` counter rises during the call, and the rank died by SIGKILL. The real kill is
+    the next test."""
     cgroup = _cgroup_v1(tmp_path / "cg", limit=2**30, peak=2**30 - 2**20, oom_kills=0)
     watch = RankWatch(tmp_path, pids={1: 999_999_999}, peaks={1: 900 * 2**20}, cgroups={1: cgroup})
     watch.arm()
@@ -100,6 +103,125 @@ def test_kernel_oom_kill_is_named_with_the_memory_figures(tmp_path: Path) -> Non
     print(text)
     assert text.startswith("killed by signal SIGKILL (9); killed for memory: the kernel's OOM killer killed 1")
     assert "peak RSS 900 MiB (rank 1)" in text and "cgroup limit 1024 MiB" in text
+
+
+# The real OOM kill below: a memory cgroup (v1) with this limit holds rank 1, which then allocates
+# REAL_OOM_ALLOCATE_MIB. The limit is above a tiny-model rank's resident memory (about 300 MiB:
+# torch and gloo) so joining the cgroup does not kill it, and far below what it allocates.
+REAL_OOM_LIMIT_MIB = 600
+REAL_OOM_ALLOCATE_MIB = 2048
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[Path]:
+    """A fresh child memory cgroup of this process's (cgroup v1), limited to REAL_OOM_LIMIT_MIB;
+    skipped where the machine does not let this process make one."""
+    own = next((line.split(":", 2)[2].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if line.split(":")[1] == "memory"), None) if Path("/proc/self/cgroup").is_file() else None
+    parent = CGROUP_V1_MEMORY / own.lstrip("/") if own is not None else None
+    if parent is None or not (parent / "memory.limit_in_bytes").is_file():
+        pytest.skip("needs a cgroup v1 memory controller (to confine a rank and have the kernel's OOM killer act)")
+    path = parent / f"parity-oom-test-{os.getpid()}"
+    try:
+        path.mkdir()
+        (path / "memory.limit_in_bytes").write_text(str(REAL_OOM_LIMIT_MIB * 2**20))
+    except OSError as e:
+        pytest.skip(f"cannot make a memory cgroup here ({e}): the real OOM kill needs one")
+    try:
+        yield path
+    finally:
+        for pid in (path / "cgroup.procs").read_text().split():  # a rank still in it (it should be dead)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        for _ in range(50):  # the kernel removes a cgroup only once its last process is gone
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_real_kernel_oom_kill_of_a_rank_is_named_with_rank_and_memory_figures(test_operations: None,
+                                                                              memory_cgroup: Path) -> None:
+    """For real: rank 1 is confined to a memory cgroup and allocates past its limit; the kernel's
+    OOM killer kills it. The error names the rank, the signal, the OOM kill and the figures; the
+    pool is rebuilt."""
+    launcher = MpLauncher(2)
+    try:
+        launcher.call("join_cgroup_on_rank_1", str(memory_cgroup))
+        start = time.monotonic()
+        with pytest.raises(WorkerError) as info:
+            launcher.call("allocate_on_rank_1", REAL_OOM_ALLOCATE_MIB)
+        err = info.value
+        print(err.detail)
+        assert time.monotonic() - start < DEATH_DEADLINE_S
+        assert (err.rank, err.kind) == (1, "died")
+        assert "killed by signal SIGKILL (9); killed for memory: the kernel's OOM killer killed 1" in err.detail
+        assert f"cgroup limit {REAL_OOM_LIMIT_MIB} MiB" in err.detail and "peak RSS" in err.detail
+        assert "rank 1: allocating" in err.detail and "still alive" not in err.detail
+        assert launcher.call("ping") == [0, 1]  # new ranks, outside the cgroup
+    finally:
+        launcher.close()
+
+
+# Ray's memory monitor, for real: its threshold (a fraction of the machine's memory) is set this
+# far above what the machine uses when the test starts, and rank 1 allocates up to
+# RAY_OOM_ALLOCATE_MIB (well past it, well short of the machine's free memory). The monitor polls
+# every RAY_OOM_REFRESH_MS.
+RAY_OOM_HEADROOM_MIB = 1536
+RAY_OOM_ALLOCATE_MIB = 6144
+RAY_OOM_REFRESH_MS = 100
+
+
+def test_real_ray_memory_monitor_kill_is_named_with_rank_and_memory_figures() -> None:
+    """A Ray head of the test's own with a memory threshold just above the machine's present use;
+    rank 1 allocates past it and Ray's memory monitor kills a rank. The error says so, with Ray's
+    memory figures and the rank's peak RSS; the pool is rebuilt."""
+    total, available = machine_memory_mib()
+    if available < RAY_OOM_ALLOCATE_MIB + RAY_OOM_HEADROOM_MIB + 2048:
+        pytest.skip(f"needs {RAY_OOM_ALLOCATE_MIB + RAY_OOM_HEADROOM_MIB + 2048} MiB available, has {available}")
+    threshold = (total - available + RAY_OOM_HEADROOM_MIB) / total
+    env = {**os.environ, "RAY_memory_usage_threshold": f"{threshold:.3f}",
+           "RAY_memory_monitor_refresh_ms": str(RAY_OOM_REFRESH_MS), "RAY_ADDRESS": "",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ray_memory_monitor_probe.py"),
+                           str(RAY_OOM_ALLOCATE_MIB)], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    assert lines and lines[0]["raised"], "the memory monitor did not act"
+    err = lines[0]
+    assert err["kind"] == "died" and err["rank"] in (0, 1)
+    assert "killed for memory by Ray's memory monitor" in err["detail"]
+    assert "peak RSS" in err["detail"]
+    assert lines[1] == {"ping_after": [0, 1]}
+
+
+def test_in_process_engine_that_runs_too_long_times_out_with_its_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """World size 1 runs in the driver: a call past its timeout is stopped (a timer in the main
+    thread) and is an error of kind ``timeout`` saying where it was; the engine is dropped and
+    the next call gets a fresh one."""
+    from harness.launch.inprocess import InProcessLauncher
+    from harness.launch.worker import Worker
+
+    def spin_forever(worker: Worker) -> None:
+        while True:  # a scheduler that never finishes a step
+            pass
+
+    monkeypatch.setattr(Worker, "spin_forever", spin_forever, raising=False)
+    monkeypatch.setattr(Worker, "OPERATIONS", Worker.OPERATIONS | {"spin_forever"})
+    launcher = InProcessLauncher()
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        launcher.call("spin_forever", timeout=HANG_TIMEOUT_S / 5)
+    assert time.monotonic() - start < HANG_TIMEOUT_S
+    err = info.value
+    print(err.detail)
+    assert (err.rank, err.kind) == (0, "timeout") and "in spin_forever" in err.detail
+    assert "still running after 2 s" in err.detail
+    assert launcher.call("ping", timeout=HANG_TIMEOUT_S) == [0]  # a fresh worker
+    launcher.close()
 
 
 def test_sigkill_near_the_memory_limit_is_probably_memory(tmp_path: Path) -> None:
@@ -270,3 +392,24 @@ def test_ctrl_c_stops_the_run_within_seconds_and_keeps_what_finished(tmp_path: P
     assert len(records) >= 1 and all(json.loads(r) for r in records)
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["cases"]) == len(records)  # the report holds what finished
+
+
+def test_sigterm_under_the_ray_launcher_stops_the_run_and_keeps_what_finished(tmp_path: Path) -> None:
+    """A cancelled CI job sends SIGTERM. Under Ray, whose core worker installs a crash handler for
+    SIGTERM in the driver (log and abort: exit 134), the run still stops as for Ctrl-C: exit 130,
+    what finished kept and reported."""
+    out = tmp_path / "out"
+    ray_run = [*RUN[:RUN.index("--backend")], "--backend", "ray", *RUN[RUN.index("--backend") + 2:]]
+    proc = _cli([*ray_run, "--setups", "tp2-eager,tp2-pp2-eager", *SCENARIOS, "--out", str(out)])
+    _wait_for_records(out / "results.jsonl", 1, proc)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    print(err.decode()[-2000:])
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert time.monotonic() - start < 15
+    assert "interrupted" in err.decode()
+    records = (out / "results.jsonl").read_text().splitlines()
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(records) >= 1 and len(summary["cases"]) == len(records)
+

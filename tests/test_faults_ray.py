@@ -41,6 +41,14 @@ def test_sigkilled_rank_actor_is_named_with_memory_and_last_output(launcher: Ray
     assert launcher.call("ping") == [0, 1]  # new actors
 
 
+def test_ranks_run_at_the_drivers_priority_not_rays_worker_niceness(launcher: RayLauncher) -> None:
+    """Ray would start its workers at nice 15, where any other work on the machine starves them;
+    parity's head runs them at the driver's priority."""
+    import os
+
+    assert launcher.call("niceness") == [os.nice(0)] * 2
+
+
 def test_hang_times_out_with_every_ranks_stack(launcher: RayLauncher) -> None:
     start = time.monotonic()
     with pytest.raises(WorkerError) as info:

@@ -80,14 +80,50 @@ def test_triton_kernels_natively_match_their_references(shape: tuple[int, ...], 
 
 @pytest.mark.parametrize("dtype", list(KERNEL_TOL), ids=str)
 def test_triton_kernels_take_non_contiguous_inputs(dtype: torch.dtype) -> None:
-    from reference_impl.kernels import rms_norm_ref, rms_norm_triton
+    from reference_impl.kernels import fused_add_rms_norm_ref, fused_add_rms_norm_triton, rms_norm_ref, rms_norm_triton
 
     base = torch.randn(64, 2 * 4096, device="cuda", dtype=dtype)
-    x = base[:, ::2]  # (64, 4096), stride 2 in the last dim
     weight = torch.randn(4096, device="cuda", dtype=dtype)
     atol, rtol = KERNEL_TOL[dtype]
-    torch.testing.assert_close(rms_norm_triton(x.contiguous(), weight, 1e-6),
-                               rms_norm_ref(x, weight, 1e-6).to(dtype), atol=atol, rtol=rtol)
+    # Stride 2 in the last dim (the launcher copies), and rows of stride 8192 (read in place).
+    for x, residual in ((base[:, ::2], base[:, 1::2]), (base[:, :4096], base[:, 4096:])):
+        got = rms_norm_triton(x, weight, 1e-6)
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, rms_norm_ref(x, weight, 1e-6).to(dtype), atol=atol, rtol=rtol)
+        out, new_residual = fused_add_rms_norm_triton(x, residual, weight, 1e-6)
+        want_out, want_residual = fused_add_rms_norm_ref(x, residual, weight, 1e-6)
+        torch.testing.assert_close(new_residual, want_residual, atol=0, rtol=0)
+        torch.testing.assert_close(out, want_out.to(dtype), atol=atol, rtol=rtol)
+
+
+# Every configuration of the launch table, natively, on rows that leave a partial last block and
+# make each persistent grid loop (more blocks than 64 programs on each of 132 multiprocessors).
+TABLE_ROWS = 20_011
+
+
+def _table_cases() -> list[tuple[str, int, object]]:
+    from reference_impl.kernels.launch import TABLE
+
+    return [(kernel, row_bytes // 2, cfg) for (kernel, row_bytes, _), cfg in sorted(TABLE.items(), key=repr)]
+
+
+@pytest.mark.parametrize(("kernel", "hidden", "config"), _table_cases(), ids=repr)
+def test_every_launch_table_config_matches_the_reference(kernel: str, hidden: int, config: object) -> None:
+    from reference_impl.kernels import fused_add_rms_norm_ref, fused_add_rms_norm_triton, rms_norm_ref, rms_norm_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(TABLE_ROWS, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(TABLE_ROWS, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+    atol, rtol = KERNEL_TOL[torch.bfloat16]
+    if kernel == "rms_norm":
+        got = rms_norm_triton(x, weight, 1e-6, config)  # type: ignore[arg-type]
+        torch.testing.assert_close(got, rms_norm_ref(x, weight, 1e-6), atol=atol, rtol=rtol)
+    else:
+        out, new_residual = fused_add_rms_norm_triton(x, residual, weight, 1e-6, config)  # type: ignore[arg-type]
+        want_out, want_residual = fused_add_rms_norm_ref(x, residual, weight, 1e-6)
+        torch.testing.assert_close(new_residual, want_residual, atol=0, rtol=0)
+        torch.testing.assert_close(out, want_out, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

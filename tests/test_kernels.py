@@ -39,6 +39,14 @@ from reference_impl.kernels import (  # noqa: E402
     rms_norm_ref,
     rms_norm_triton,
 )
+from reference_impl.kernels.launch import (  # noqa: E402
+    TABLE,
+    LaunchConfig,
+    block_size,
+    fallback_config,
+    launch_config,
+    rows_bucket,
+)
 
 # `reference_impl.kernels.rms_norm` is also the name of a function exported by
 # the package, so fetch the modules themselves from sys.modules.
@@ -304,14 +312,86 @@ def test_triton_zero_rows() -> None:
     assert out.shape == new_residual.shape == (0, 64)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_launch_config() -> None:
-    launch_config = sys.modules[RMS_MODULE].launch_config
-    assert launch_config(40, 4) == (64, 1)
-    assert launch_config(1000, 2) == (1024, 4)
-    assert launch_config(4096, 2) == (4096, 8)
+def test_block_size_is_the_next_power_of_two_and_refuses_spilling_rows() -> None:
+    assert block_size(40, 4) == 64
+    assert block_size(1000, 2) == 1024
+    assert block_size(4096, 2) == 4096
     with pytest.raises(RuntimeError, match="too large"):
-        launch_config(65536, 2)
+        block_size(65536, 2)
+
+
+def test_launch_config_validates_itself() -> None:
+    for bad in ({"block_rows": 3}, {"num_warps": 6}, {"num_warps": 64}, {"programs_per_sm": -1},
+                {"num_stages": 0}, {"chunk": 48}, {"chunk": -2}):
+        with pytest.raises(ValueError):
+            LaunchConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_launch_config_chunk_and_source() -> None:
+    assert LaunchConfig(1, 4).chunk_size(4096) == 4096  # one pass
+    assert LaunchConfig(1, 4, chunk=2048).chunk_size(4096) == 2048  # two passes
+    assert LaunchConfig(1, 4, chunk=8192).chunk_size(4096) == 4096  # a chunk past the row: one pass
+    for cfg in (LaunchConfig(1, 16), LaunchConfig(2, 8, 4, 2, 2048, False), LaunchConfig(1, 4, evict_first=False)):
+        assert eval(cfg.source(), {"LaunchConfig": LaunchConfig}) == cfg
+    assert LaunchConfig(1, 16, chunk=2048).source() == "LaunchConfig(1, 16, chunk=2048)"
+
+
+def test_grid_is_one_program_per_block_or_a_capped_persistent_grid() -> None:
+    assert LaunchConfig(block_rows=4).grid(rows=10, num_sms=132) == 3
+    assert LaunchConfig(block_rows=1).grid(rows=1, num_sms=132) == 1
+    persistent = LaunchConfig(block_rows=2, programs_per_sm=4)
+    assert persistent.grid(rows=100_000, num_sms=132) == 4 * 132
+    assert persistent.grid(rows=9, num_sms=132) == 5  # never more programs than blocks
+
+
+def test_launch_table_lookup_by_rows_bucket_with_fallback() -> None:
+    assert [rows_bucket(n) for n in (1, 2, 16, 17, 4096, 16384, 16385)] == [1, 16, 16, 256, 4096, 16384, 65536]
+    for (kernel, row_bytes, bucket), cfg in TABLE.items():
+        assert kernel in ("rms_norm", "fused_add_rms_norm")
+        assert launch_config(kernel, row_bytes // 2, 2, bucket) == cfg
+    # A row size the table does not list gets the fallback rule.
+    assert launch_config("rms_norm", 96, 4, 5) == fallback_config(512)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        launch_config("layer_norm", 64, 2, 1)
+
+
+# Configurations run under the interpreter (and natively on a GPU): several rows per program,
+# a persistent grid that loops (the interpreter's device has one "multiprocessor"), pipelining,
+# two passes over chunks (96 columns in a block of 128: the last chunk of 32 is masked, and the
+# chunked persistent grid loops), the default cache hint, and every configuration of the table.
+CONFIGS = sorted({LaunchConfig(4, 4), LaunchConfig(2, 2, 3), LaunchConfig(8, 1, 1, 2),
+                  LaunchConfig(1, 2, chunk=32), LaunchConfig(2, 1, 3, chunk=64, evict_first=False),
+                  LaunchConfig(1, 4, evict_first=False), *TABLE.values()},
+                 key=repr)
+
+
+@requires_triton
+@pytest.mark.parametrize("config", CONFIGS, ids=repr)
+def test_triton_launch_configs_match_reference(config: LaunchConfig) -> None:
+    # 37 rows: not a multiple of any block_rows; more blocks than a persistent grid here.
+    x, residual, weight = make_inputs((37, 96), torch.bfloat16)
+    assert_matches(rms_norm_triton(x, weight, DEFAULT_EPS, config), rms_norm_ref(x, weight, DEFAULT_EPS),
+                   name=f"rms_norm {config}")
+    out, new_residual = fused_add_rms_norm_triton(x, residual, weight, DEFAULT_EPS, config)
+    ref_out, ref_new_residual = fused_add_rms_norm_ref(x, residual, weight, DEFAULT_EPS)
+    assert_bitwise_equal(new_residual, ref_new_residual, f"new_residual {config}")
+    assert_matches(out, ref_out, name=f"out {config}")
+
+
+@requires_triton
+def test_triton_reads_strided_rows_in_place() -> None:
+    base, base_res, weight = make_inputs((9, 160), torch.float32)
+    x, residual = base[:, :96], base_res[:, 32:128]  # (9, 96) each, row strides 160
+    weight = weight[:96]
+    expected = rms_norm_ref(x, weight, DEFAULT_EPS)
+    actual = rms_norm_triton(x, weight, DEFAULT_EPS)
+    assert actual.is_contiguous()
+    assert_matches(actual, expected, name="rms_norm")
+    out, new_residual = fused_add_rms_norm_triton(x, residual, weight, DEFAULT_EPS)
+    ref_out, ref_new_residual = fused_add_rms_norm_ref(x, residual, weight, DEFAULT_EPS)
+    assert out.is_contiguous() and new_residual.is_contiguous()
+    assert_bitwise_equal(new_residual, ref_new_residual, "new_residual")
+    assert_matches(out, ref_out, name="out")
 
 
 def test_triton_missing_raises_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -185,9 +185,9 @@ def test_worker_mutate_drops_engines_only_when_needed(restore_patches: None) -> 
     single = spec("tiny-llama", 1, 1)
     worker.load(single)
     worker.mutate("decode-kv-slot-off-by-one")  # a run-time patch: the cached engine stays
-    assert worker._runner is not None and single in worker._engines
+    assert worker._engine is not None and single in worker._engines
     worker.mutate("pp-layer-split-drops-layer")  # acts at construction: rebuild
-    assert worker._runner is None and not worker._engines
+    assert worker._engine is None and not worker._engines
     with pytest.raises(ValueError, match="unknown mutation"):
         worker.mutate("no-such-bug")
 

@@ -191,3 +191,29 @@ def test_engine_code_change_invalidates_the_baseline_cache(tmp_path: Path, monke
         assert baseline.BaselineCache.key(ck, [], spec, "float32", "cpu") != before
     finally:
         baseline.engine_code_hash.cache_clear()
+
+
+def test_compile_cache_lives_in_the_parity_cache_and_reaches_the_ranks(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.compile_cache import INDUCTOR_ENV, TRITON_ENV, use_compile_cache
+    from harness.launch.ray_launcher import FORWARDED_ENV
+
+    monkeypatch.delenv(INDUCTOR_ENV, raising=False)
+    monkeypatch.delenv(TRITON_ENV, raising=False)
+    monkeypatch.setenv("PARITY_CACHE", str(tmp_path))
+    where = use_compile_cache()
+    assert where == {INDUCTOR_ENV: str(tmp_path / "compile" / "inductor"), TRITON_ENV: str(tmp_path / "compile" / "triton")}
+    import torch._inductor.codecache  # noqa: F401  (the module that reads the variable)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    assert cache_dir() == str(tmp_path / "compile" / "inductor")
+    assert {INDUCTOR_ENV, TRITON_ENV} <= set(FORWARDED_ENV)  # Ray actors get it; mp ranks inherit it
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    monkeypatch.setenv(INDUCTOR_ENV, default_cache_dir())  # torch's default, which it writes there itself
+    assert use_compile_cache()[INDUCTOR_ENV] == str(tmp_path / "compile" / "inductor")
+    monkeypatch.setenv(INDUCTOR_ENV, "/elsewhere")  # a location the user chose is kept
+    assert use_compile_cache()[INDUCTOR_ENV] == "/elsewhere"
+    # the nightly workflow restores and saves it with the baselines, under the engine's code hash
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "nightly.yml").read_text())
+    cache = next(s for s in workflow["jobs"]["shard"]["steps"] if s.get("uses", "").startswith("actions/cache@"))
+    assert {".parity-cache/baselines", ".parity-cache/compile"} <= set(cache["with"]["path"].split())
+    assert "engine_hash" in cache["with"]["key"]

@@ -96,6 +96,16 @@ def test_skips_carry_reasons(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*scenario multimodal needs images; LlamaForCausalLM takes none*"])
 
 
+def test_engine_option_plans_transformers_cases_with_their_skip_reasons(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_m=CASE_TEST)
+    result = pytester.runpytest_subprocess("--parity-backend", "mp", "--parity-engine", "transformers",
+                                           "--parity-model", "tiny-llama", "-k", "tp2-pp2-eager and text", "-rs", "-v")
+    result.assert_outcomes(skipped=2)  # against one device, and against the reference engine
+    result.stdout.fnmatch_lines(["*test_case[[]tp2-pp2-eager@transformers-text[]] SKIPPED*",
+                                 "*test_case[[]tp2-pp2-eager@transformers-text-vs-reference[]] SKIPPED*",
+                                 "*the transformers engine cannot express pp=2*"])
+
+
 def test_gpu_marker_skips_without_cuda(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_g="""
 import pytest

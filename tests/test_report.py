@@ -433,6 +433,10 @@ def test_reproduce_command_per_case(review: Elements) -> None:
         " --backend mp --seed 3"
     assert reproduce_command(rec, None) == ("parity run --setups tp2-sp-graph-full --scenarios prompt_embeds "
                                             "--model tiny-llama --baseline tp2-graph-full")
+    transformers_rec = {**rec, "setup": "tp2-eager@transformers", "baseline": "tp2-eager"}
+    assert reproduce_command(transformers_rec, {**REVIEW_RUN, "engine": "transformers"}).startswith(
+        "parity run --matrix smoke --setups tp2-eager@transformers --scenarios prompt_embeds --model tiny-llama "
+        "--engine transformers --baseline auto")
     assert expected in [t for _, t in review.find("code", "repro")]
 
 

@@ -294,9 +294,10 @@ def test_summary_json_has_the_run_settings_first(tmp_path: Path) -> None:
     data = json.loads(write_summary(tmp_path, [make()], {"git_sha": "abc"}, run=run).read_text(encoding="utf-8"))
     assert list(data) == ["run", "cases", "totals", "environment"]
     got = data["run"]
-    assert set(got) == {"matrix", "setups", "scenarios", "model", "checkpoint_hash", "engine_code", "baseline", "policy",
-                        "tolerances", "dtype", "device", "backend", "seed", "mutation", "command", "version",
-                        "git_sha"}
+    assert set(got) == {"matrix", "setups", "scenarios", "model", "checkpoint_hash", "engine", "engine_identity",
+                        "engine_code", "baseline", "policy", "tolerances", "dtype", "device", "backend", "seed",
+                        "mutation", "requests", "requests_hash", "repeat", "command", "version", "git_sha"}
+    assert (got["requests"], got["requests_hash"], got["repeat"]) == (None, None, 1)
     assert (got["matrix"], got["setups"], got["scenarios"], got["model"]) == (
         "smoke", ["tp2-eager"], ["text", "mixed"], "tiny-llama")
     assert (got["dtype"], got["device"], got["backend"], got["seed"]) == ("bfloat16", "cpu", "mp", 7)

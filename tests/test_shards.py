@@ -10,7 +10,7 @@ import pytest
 
 from harness.matrix import get_matrix
 from harness.plan import RunOptions, plan
-from harness.shards import costs, group_of, partition, runner_labels, shard
+from harness.shards import costs, group_of, partition, pool_start, runner_labels, shard
 from parity.cli import main
 
 
@@ -34,11 +34,38 @@ def test_partition_is_disjoint_complete_deterministic_and_balanced(count: int) -
     group_cost: dict[str, float] = {}
     for p in planned:
         group_cost[group_of(p)] = group_cost.get(group_of(p), 0.0) + cost[p.case.id]
-    assert max(loads) - min(loads) <= max(group_cost.values()) + 1e-9
+    # balanced: loads with each shard's pool starts (one per world size it runs) differ by at most
+    # one setup's cost and one pool start
+    starts = [sum(pool_start(w) for w in {p.case.setup.world_size for p in part if p.skip_reason is None})
+              for part in parts]
+    loads = [load + start for load, start in zip(loads, starts)]
+    largest_start = max(pool_start(p.case.setup.world_size) for p in planned)
+    assert max(loads) - min(loads) <= max(group_cost.values()) + largest_start + 1e-9
     for part in parts:  # a setup's scenarios stay together: its engine is built in one shard
         for other in parts:
             if other is not part:
                 assert not {group_of(p) for p in part} & {group_of(p) for p in other}
+
+
+def _pool_starts(parts: list) -> int:
+    return sum(len({p.case.setup.world_size for p in part if p.skip_reason is None} - {1}) for part in parts)
+
+
+def test_shards_keep_a_world_size_together_where_the_balance_allows() -> None:
+    """Each world size a shard runs costs it a pool start: the partition starts fewer pools than
+    longest-first placement that ignores them, and no more than one per shard and size."""
+    planned = nightly()
+    cost = costs(planned)
+    work: dict[str, float] = {}
+    for p in planned:
+        work[group_of(p)] = work.get(group_of(p), 0.0) + cost[p.case.id]
+    loads, owner = [0.0] * 4, {}
+    for g in sorted(work, key=lambda g: (-work[g], g)):  # the same greedy, blind to pool starts
+        i = min(range(4), key=lambda k: (loads[k], k))
+        owner[g], loads[i] = i, loads[i] + work[g]
+    blind = [[p for p in planned if owner[group_of(p)] == i] for i in range(4)]
+    print(_pool_starts(partition(planned, 4)), "pool starts, against", _pool_starts(blind))
+    assert _pool_starts(partition(planned, 4)) < _pool_starts(blind)
 
 
 def test_measured_durations_balance_the_shards(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from reference_impl.engine import EngineSpec
+from harness.engines.base import BuildSpec
 from reference_impl.requests import Request, RequestOutput
 
 # How a rank failed: its code raised (``detail`` is the traceback), its process died, it gave no
@@ -68,9 +68,9 @@ class Launcher(Protocol):
         ``WorkerError`` of kind ``timeout`` with every rank's stack, and every rank is stopped."""
         ...
 
-    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]: ...
+    def run(self, spec: BuildSpec, requests: Sequence[Request]) -> list[RequestOutput]: ...
 
-    def run_traced(self, spec: EngineSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun: ...
+    def run_traced(self, spec: BuildSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun: ...
 
     def close(self) -> None: ...
 

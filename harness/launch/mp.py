@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -22,9 +23,9 @@ from typing import Any, NoReturn
 
 import torch.multiprocessing as mp
 
+from harness.engines.base import BuildSpec
 from harness.launch.base import EngineRun, WorkerError, free_port
 from harness.launch.postmortem import LOST_PEER, RankWatch, prepare_rank
-from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
 # How long the driver waits for one call on all ranks when the caller names no timeout (the
@@ -60,6 +61,10 @@ def _serve(rank: int, world_size: int, port: int, device: str, conn: Connection,
     """Process body: build the worker, then answer ``(method, args)`` calls until ``close``."""
     if log_dir is not None:
         prepare_rank(log_dir, rank)
+    # The driver started this process with SIGINT blocked (``_start``): ignore it for good (the
+    # driver owns Ctrl-C), then unblock; a Ctrl-C that came during start-up is dropped here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _exit_when_orphaned()
     from harness.launch.worker import Worker
 
@@ -98,7 +103,14 @@ class MpLauncher:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_serve, daemon=True,
                                args=(rank, self.world_size, port, self.device, child, str(self.watch.log_dir)))
-            proc.start()
+            # A rank starts with SIGINT blocked (a child inherits the mask), so a Ctrl-C to the
+            # terminal's process group cannot interrupt its start-up before it ignores SIGINT;
+            # the driver's own Ctrl-C is only deferred until the mask is restored.
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                proc.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             self._procs.append(proc)
             self._conns.append(parent)
             assert proc.pid is not None  # set by start()
@@ -182,13 +194,13 @@ class MpLauncher:
             conn.send((method, args))
         return self._collect(CALL_TIMEOUT_S if timeout is None else max(timeout, 1.0))
 
-    def run_traced(self, spec: EngineSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
+    def run_traced(self, spec: BuildSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
         spec.validate()
         if spec.world_size != self.world_size:
             raise ValueError(f"spec needs {spec.world_size} ranks; this launcher has {self.world_size}")
         return EngineRun.from_replies(self.call("generate", spec, list(requests), timeout=timeout))
 
-    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
+    def run(self, spec: BuildSpec, requests: Sequence[Request]) -> list[RequestOutput]:
         """``run_traced``'s outputs (rank 0's)."""
         return self.run_traced(spec, requests).outputs
 

@@ -200,8 +200,10 @@ class RankWatch:
         """Before a call: each rank's memory cgroup and its OOM-kill count (a rise during the call
         means the kernel's OOM killer acted)."""
         for rank, pid in self.pids.items():
-            if rank not in self.cgroups:
-                self.cgroups[rank] = cgroup_dir(pid)
+            # read again each time: a process can be moved to another cgroup while it lives
+            found = cgroup_dir(pid)
+            if found is not None or rank not in self.cgroups:
+                self.cgroups[rank] = found
             self.oom_kills[rank] = memory_limits(self.cgroups[rank])["oom_kills"]
 
     def sample(self, force: bool = False) -> None:

@@ -18,8 +18,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -27,9 +29,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn
 
+from harness.engines.base import BuildSpec
 from harness.launch.base import EngineRun, WorkerError, free_port
 from harness.launch.postmortem import LOST_PEER, RankWatch, prepare_rank
-from reference_impl.engine import EngineSpec
 from reference_impl.requests import Request, RequestOutput
 
 # The repository root: on the actors' PYTHONPATH so they import harness, reference_impl, scenarios.
@@ -56,10 +58,14 @@ DEFAULT_CPUS_PER_RANK = 0.1
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Set in every actor: no hub lookups, no tokenizer threads, one OpenMP thread per rank.
 ACTOR_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-# Copied from the driver to the actors when set (Triton interpreter on CPU, model cache dir, and
-# the NCCL / PyTorch switches that keep NVLink multicast off on shared GPU hosts).
-FORWARDED_ENV = ("TRITON_INTERPRET", "PARITY_CACHE", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                 "NVSHMEM_DISABLE_NVLS")
+# Copied from the driver to the actors when set (Triton interpreter on CPU, model cache dir, the
+# compile caches' locations (``harness.compile_cache``), and the NCCL / PyTorch switches that keep
+# NVLink multicast off on shared GPU hosts).
+FORWARDED_ENV = ("TRITON_INTERPRET", "PARITY_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
+                 "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+
+# The raylet's setting of its workers' niceness (Ray's default: 15), read when a local head starts.
+RAY_WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 # A rank's reply: ("ok", value), ("raised", traceback text) when its code raised, or
 # ("died", detail) when its process or task was lost.
@@ -104,26 +110,48 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ``num_cpus`` logical CPUs (default: this machine's core count).
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token set-up for a local cluster
+    # Ray starts its workers at nice 15, so that its own services stay responsive; parity's ranks
+    # are the work itself, and at nice 15 any other process on the machine starves them (the
+    # smoke matrix with two busy-loop processes on 2 cores: a compiled case's first generation
+    # ran past 120 s). A local head started here runs its workers at the usual priority.
+    os.environ.setdefault(RAY_WORKER_NICENESS_ENV, "0")
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        # A loopback head (ours, from another process) listens on loopback only: keep Ray from
-        # rewriting "127.0.0.1:port" to this host's routable IP, where nothing answers.
-        with loopback_node_ip() if is_loopback(address) else contextlib.nullcontext():
-            ray.init(address=address, logging_level=logging.WARNING)
+    with _keep_sigterm_handler():
+        if address:
+            # A loopback head (ours, from another process) listens on loopback only: keep Ray from
+            # rewriting "127.0.0.1:port" to this host's routable IP, where nothing answers.
+            with loopback_node_ip() if is_loopback(address) else contextlib.nullcontext():
+                ray.init(address=address, logging_level=logging.WARNING)
+            return
+        with loopback_node_ip():
+            ray.init(
+                address="local",  # never attach to someone else's `ray start` cluster on this host
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                logging_level=logging.WARNING,
+                log_to_driver=False,  # rank errors come back as WorkerError; logs stay in the session dir
+            )
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Ray's core worker installs a crash handler for SIGTERM in the driver (it logs the signal
+    and aborts: exit 134), which would replace ``parity run``'s (stop, keep what finished, exit
+    130). Put the Python-level handler back afterwards (from the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    with loopback_node_ip():
-        ray.init(
-            address="local",  # never attach to someone else's `ray start` cluster on this host
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level=logging.WARNING,
-            log_to_driver=False,  # rank errors come back as WorkerError; logs stay in the session dir
-        )
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 def actor_env() -> dict[str, str]:
@@ -322,7 +350,7 @@ class RayLauncher:
         return self._collect([actor.call.remote(method, *args) for actor in self._actors],
                              CALL_TIMEOUT_S if timeout is None else max(timeout, 1.0))
 
-    def run_traced(self, spec: EngineSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
+    def run_traced(self, spec: BuildSpec, requests: Sequence[Request], timeout: float | None = None) -> EngineRun:
         """Validate ``spec`` (before anything starts), then serve ``requests``; rank 0's outputs."""
         spec.validate(self._cluster_gpus() if spec.device == "cuda" else None)
         if spec.world_size != self.world_size:
@@ -331,7 +359,7 @@ class RayLauncher:
             self._kill()
         return EngineRun.from_replies(self.call("generate", spec, list(requests), timeout=timeout))
 
-    def run(self, spec: EngineSpec, requests: Sequence[Request]) -> list[RequestOutput]:
+    def run(self, spec: BuildSpec, requests: Sequence[Request]) -> list[RequestOutput]:
         """``run_traced``'s outputs (rank 0's)."""
         return self.run_traced(spec, requests).outputs
 

@@ -1,5 +1,9 @@
 """One rank: joins the process group once, builds engines for specs, runs requests.
 
+The engine is whichever the spec names by its type (``harness.engines``: the reference engine
+for an ``EngineSpec``, transformers' TP for a ``TransformersSpec``); the worker drives it only
+through the ``Engine`` interface.
+
 A launcher drives a worker by operation name; the worker runs only the operations it
 catalogues (``Worker.OPERATIONS``), never a function named by the caller."""
 
@@ -13,10 +17,10 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from harness.engines import BuildSpec, Engine, build_engine
 from harness.launch.base import RankReport
-from reference_impl.engine import EngineSpec, build_runner, local_device
+from reference_impl.engine import local_device
 from reference_impl.requests import Request, RequestOutput
-from reference_impl.runner import Runner
 
 # A collective that waits longer than this is a hang (a peer died or diverged), not slowness.
 # A backstop only: the driver's per-case timeout (``harness.timeouts``, 90 s or more) fires
@@ -41,11 +45,6 @@ def peak_rss_bytes() -> int:
     return 0
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters ``model`` holds (a tied one once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 class Worker:
     """A rank's long-lived state: the process group (kept across cases) and the last engine."""
 
@@ -67,52 +66,47 @@ class Worker:
                 init_method=f"tcp://{master_addr}:{master_port}",
                 rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
             )
-        self._engines: dict[EngineSpec, Runner] = {}  # most recently used last
-        self._runner: Runner | None = None
+        self._engines: dict[BuildSpec, Engine] = {}  # most recently used last
+        self._engine: Engine | None = None
 
-    def runner(self, spec: EngineSpec) -> Runner:
+    def engine(self, spec: BuildSpec) -> Engine:
         """The engine for ``spec``; the last ``ENGINE_CACHE_SIZE`` engines (a candidate and its
         baseline, with their compiled graphs) are kept, so alternating between them is free."""
         if spec.world_size != self.world_size:
             raise ValueError(f"spec needs {spec.world_size} ranks; this worker pool has {self.world_size}")
-        runner = self._engines.pop(spec, None)
-        if runner is None:
+        engine = self._engines.pop(spec, None)
+        if engine is None:
             while len(self._engines) >= ENGINE_CACHE_SIZE:
                 self._engines.pop(next(iter(self._engines)))
-            runner = build_runner(spec, self.device)
-        self._engines[spec] = runner
-        self._runner = runner
-        return runner
+            engine = build_engine(spec, self.device)
+        self._engines[spec] = engine
+        self._engine = engine
+        return engine
 
-    def load(self, spec: EngineSpec) -> None:
+    def load(self, spec: BuildSpec) -> None:
         """Build the engine for ``spec`` ahead of ``generate`` (to time or warm it)."""
-        self.runner(spec)
+        self.engine(spec)
 
-    def generate(self, spec: EngineSpec, requests: Sequence[Request]
+    def generate(self, spec: BuildSpec, requests: Sequence[Request]
                  ) -> tuple[list[RequestOutput] | None, RankReport]:
         """Every rank serves the requests; rank 0 returns the outputs, and every rank its
         ``RankReport`` (the tokens it recorded, the compiled steps it ran)."""
-        from reference_impl.compile.compiled_model import reset_steps, steps_report
-
-        runner = self.runner(spec)
-        reset_steps(runner.model_fn)
-        outputs = runner.generate(requests)
-        report = RankReport(self.rank, tuple(tuple(o.token_ids) for o in outputs),
-                            tuple(steps_report(runner.model_fn)), peak_rss_bytes(), weight_bytes(runner.model))
+        engine = self.engine(spec)
+        outputs = engine.generate(requests)
+        report = RankReport(self.rank, tuple(tuple(o.token_ids) for o in outputs), tuple(engine.compiled_steps()),
+                            peak_rss_bytes(), engine.weight_bytes())
         return (outputs if self.rank == 0 else None), report
 
-    def capture(self, spec: EngineSpec, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+    def capture(self, spec: BuildSpec, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
         """This rank's activations of the requests' prefill (TP rank 0 of each stage answers;
         the others return nothing, their tensors being the same after the gather)."""
-        captured = self.runner(spec).capture_prefill(requests)
+        captured = self.engine(spec).capture_prefill(requests)
         tp_rank = self.rank % spec.tp
         return captured if tp_rank == 0 else {}
 
     def compile_records(self) -> list[dict[str, object]]:
         """What the compile passes did to every graph of the current engine."""
-        from reference_impl.compile.compiled_model import compile_records
-
-        return compile_records(self._runner.model_fn if self._runner else None)
+        return self._engine.compile_records() if self._engine else []
 
     def dispatch(self, operation: str, *args: Any) -> Any:
         """Run the catalogued ``operation`` (``OPERATIONS``) with ``args``; any other name, a
@@ -134,10 +128,10 @@ class Worker:
         mutation.load()(self)
         if mutation.needs_rebuild:
             self._engines.clear()
-            self._runner = None
+            self._engine = None
 
     def close(self) -> None:
-        self._runner = None
+        self._engine = None
         self._engines.clear()
         if dist.is_initialized():
             dist.destroy_process_group()

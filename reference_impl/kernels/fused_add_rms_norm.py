@@ -10,71 +10,149 @@ from __future__ import annotations
 
 import torch
 
+from reference_impl.kernels.launch import LaunchConfig, block_size, launch_config, num_sms
 from reference_impl.kernels.rms_norm import (
     HAS_TRITON,
     check_weight,
-    launch_config,
+    kernel_flags,
     require_triton,
     rms_norm_ref,
+    rows_view,
+    unit_stride,
 )
 
 if HAS_TRITON:
     import triton  # type: ignore[import-untyped, unused-ignore]
     import triton.language as tl  # type: ignore[import-untyped, unused-ignore]
 
-    from reference_impl.kernels.rms_norm import cast_rtne
+    from reference_impl.kernels.rms_norm import (
+        cast_rtne,
+        inv_rms,
+        load,
+        normalize,
+        row_block,
+        row_chunks,
+        scale,
+        store,
+    )
 
     @triton.jit  # type: ignore[untyped-decorator]
+    def _fused_rows(  # type: ignore[no-untyped-def]
+        block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride, res_row_stride, H, eps,
+        BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, MASKED: tl.constexpr, WIDE: tl.constexpr,
+        BY_HAND: tl.constexpr, STREAM: tl.constexpr,
+    ):
+        """One pass: each row of the block whole in registers."""
+        r, cols, mask = row_block(block, rows, H, BLOCK_ROWS, BLOCK_H, WIDE)
+        # Inputs stream through once (STREAM); the weight is read by every block (see rms_norm).
+        x = load(x_ptr + r * x_row_stride + cols, mask, MASKED, STREAM)  # (BLOCK_ROWS, BLOCK_H)
+        res = load(res_ptr + r * res_row_stride + cols, mask, MASKED, STREAM)  # (BLOCK_ROWS, BLOCK_H)
+        w = load(w_ptr + cols, cols < H, MASKED, "evict_last")  # (1, BLOCK_H)
+        # The add's result, rounded once to x's dtype, IS the new residual.
+        s = cast_rtne(x.to(tl.float32) + res.to(tl.float32), x.dtype, BY_HAND)
+        store(new_res_ptr + r * H + cols, s, mask, MASKED)
+        # Normalize what was stored, as the reference does.
+        out = normalize(s.to(tl.float32), w.to(tl.float32), H, eps, x.dtype, out_ptr.dtype.element_ty, BY_HAND)
+        store(out_ptr + r * H + cols, out, mask, MASKED)
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _fused_rows_chunked(  # type: ignore[no-untyped-def]
+        block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride, res_row_stride, H, eps,
+        BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
+        WIDE: tl.constexpr, BY_HAND: tl.constexpr, STREAM: tl.constexpr,
+    ):
+        """Two passes over chunks of CHUNK columns (see rms_norm's chunked kernel).
+
+        The first adds, stores the new residual and sums its squares; the second re-reads the
+        new residual just stored (from L2: one tensor, not x and the residual again), normalizes
+        and stores the output.
+        """
+        r, cols = row_chunks(block, rows, BLOCK_ROWS, CHUNK, WIDE)
+        acc = tl.zeros((BLOCK_ROWS, CHUNK), dtype=tl.float32)
+        for c in range(0, BLOCK_H, CHUNK):
+            mask = (r < rows) & (c + cols < H)
+            x = load(x_ptr + r * x_row_stride + c + cols, mask, MASKED, STREAM)  # (BLOCK_ROWS, CHUNK)
+            res = load(res_ptr + r * res_row_stride + c + cols, mask, MASKED, STREAM)
+            s = cast_rtne(x.to(tl.float32) + res.to(tl.float32), x.dtype, BY_HAND)
+            store(new_res_ptr + r * H + c + cols, s, mask, MASKED)
+            sf = s.to(tl.float32)
+            acc += sf * sf
+        rstd = inv_rms(tl.sum(acc, axis=1, keep_dims=True), H, eps)  # (BLOCK_ROWS, 1)
+        # The second pass reads what this program's threads stored: order those stores first.
+        tl.debug_barrier()
+        for c in range(0, BLOCK_H, CHUNK):
+            mask = (r < rows) & (c + cols < H)
+            s = load(new_res_ptr + r * H + c + cols, mask, MASKED, "evict_first")  # (BLOCK_ROWS, CHUNK)
+            w = load(w_ptr + c + cols, c + cols < H, MASKED, "evict_last")  # (1, CHUNK)
+            out = scale(s.to(tl.float32), rstd, w.to(tl.float32), s.dtype, out_ptr.dtype.element_ty, BY_HAND)
+            store(out_ptr + r * H + c + cols, out, mask, MASKED)
+
+    @triton.jit(do_not_specialize=["rows"])  # type: ignore[untyped-decorator]
     def _fused_add_rms_norm_kernel(  # type: ignore[no-untyped-def]
-        x_ptr,  # (rows, H), contiguous
-        res_ptr,  # (rows, H), contiguous
-        w_ptr,  # (H,)
+        x_ptr,  # (rows, H), unit column stride
+        res_ptr,  # (rows, H), unit column stride
+        w_ptr,  # (H,), contiguous
         out_ptr,  # (rows, H), contiguous, x's dtype
         new_res_ptr,  # (rows, H), contiguous, x's dtype
-        row_stride,
+        rows,
+        x_row_stride,
+        res_row_stride,
         H,
         eps,
-        BLOCK_SIZE: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        CHUNK: tl.constexpr,  # the flags: see rms_norm.kernel_flags
+        LOOP: tl.constexpr,
+        MASKED: tl.constexpr,
+        WIDE: tl.constexpr,
+        BY_HAND: tl.constexpr,
+        STREAM: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)  # int64: rows * H may exceed 2**31
-        cols = tl.arange(0, BLOCK_SIZE)  # (BLOCK_SIZE,)
-        mask = cols < H
-        offs = row * row_stride + cols
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        res = tl.load(res_ptr + offs, mask=mask, other=0.0)
-        # The add's result, rounded once to x's dtype, IS the new residual.
-        s = cast_rtne(x.to(tl.float32) + res.to(tl.float32), x.dtype)
-        tl.store(new_res_ptr + offs, s, mask=mask)
-        sf = s.to(tl.float32)  # normalize what was stored, as the reference does
-        variance = tl.sum(sf * sf, axis=0) / H  # masked lanes are 0
-        y = cast_rtne(sf * tl.rsqrt(variance + eps), x.dtype)  # HF: .to(input_dtype)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        out = y.to(tl.float32) * w.to(tl.float32)  # exact product, rounded once below
-        tl.store(out_ptr + offs, cast_rtne(out, out_ptr.dtype.element_ty), mask=mask)
+        if LOOP:
+            for block in tl.range(tl.program_id(0), tl.cdiv(rows, BLOCK_ROWS), tl.num_programs(0)):
+                if CHUNK < BLOCK_H:
+                    _fused_rows_chunked(block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride,
+                                        res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, CHUNK, MASKED, WIDE,
+                                        BY_HAND, STREAM)
+                else:
+                    _fused_rows(block, x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride,
+                                res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND, STREAM)
+        elif CHUNK < BLOCK_H:
+            _fused_rows_chunked(tl.program_id(0), x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows,
+                                x_row_stride, res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, CHUNK, MASKED,
+                                WIDE, BY_HAND, STREAM)
+        else:
+            _fused_rows(tl.program_id(0), x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rows, x_row_stride,
+                        res_row_stride, H, eps, BLOCK_ROWS, BLOCK_H, MASKED, WIDE, BY_HAND, STREAM)
 
 
 def fused_add_rms_norm_triton(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+    config: LaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton fused add + RMSNorm over (..., H); returns (out, new_residual), both new."""
+    """Triton fused add + RMSNorm over (..., H); returns (out, new_residual), both new and contiguous.
+
+    `config` overrides the launch table (the sweep times configurations this way).
+    """
     require_triton()
     check_weight(x, weight)
     if residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must match x {tuple(x.shape)}")
     hidden = x.shape[-1]
-    x2d = x.contiguous().view(-1, hidden)  # (rows, H)
-    res2d = residual.contiguous().view(-1, hidden)  # (rows, H)
-    w = weight.contiguous()  # (H,)
-    out = torch.empty_like(x2d)  # (rows, H)
-    new_res = torch.empty_like(x2d)  # (rows, H)
+    x2d, res2d = rows_view(x), rows_view(residual)  # (rows, H) each
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (..., H), contiguous
+    new_res = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (..., H), contiguous
     rows = x2d.shape[0]
-    if rows > 0:
-        block_size, num_warps = launch_config(hidden, x2d.element_size())
-        _fused_add_rms_norm_kernel[(rows,)](
-            x2d, res2d, w, out, new_res, x2d.stride(0), hidden, eps,
-            BLOCK_SIZE=block_size, num_warps=num_warps,
-        )
-    return out.view(x.shape), new_res.view(x.shape)
+    if rows == 0:
+        return out, new_res
+    block_h = block_size(hidden, x.element_size())
+    cfg = config or launch_config("fused_add_rms_norm", hidden, x.element_size(), rows)
+    _fused_add_rms_norm_kernel[(cfg.grid(rows, num_sms(x.device)),)](
+        x2d, res2d, unit_stride(weight), out, new_res, rows, x2d.stride(0), res2d.stride(0), hidden, eps,
+        **kernel_flags(cfg, x, rows, block_h, max(x2d.stride(0), res2d.stride(0))),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, new_res
 
 
 def fused_add_rms_norm_ref(

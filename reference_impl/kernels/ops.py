@@ -29,9 +29,9 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def _rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x = x.contiguous()  # (..., H): outputs are contiguous on both paths
     if use_triton(x):
-        return rms_norm_triton(x, weight, eps)
+        return rms_norm_triton(x, weight, eps)  # reads strided rows; its output is contiguous
+    x = x.contiguous()  # (..., H): outputs are contiguous on both paths
     # `.to` is a no-op unless weight's dtype differs from x's.
     return rms_norm_ref(x, weight, eps).to(x.dtype)
 
@@ -43,9 +43,9 @@ def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def _fused_add_rms_norm_impl(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x, residual = x.contiguous(), residual.contiguous()  # (..., H) each
     if use_triton(x):
-        return fused_add_rms_norm_triton(x, residual, weight, eps)
+        return fused_add_rms_norm_triton(x, residual, weight, eps)  # contiguous outputs
+    x, residual = x.contiguous(), residual.contiguous()  # (..., H) each
     out, new_residual = fused_add_rms_norm_ref(x, residual, weight, eps)
     # `.to` is a no-op unless weight's dtype differs. Neither output can alias
     # an input: the reference builds both from fresh arithmetic.
