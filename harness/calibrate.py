@@ -105,9 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--backend", default="ray", choices=["ray", "mp"])
-    parser.add_argument("--model", default="tiny-llava")
+    parser.add_argument("--model", help="default: the matrix's (tiny-llava; smollm2-135m for real)")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    args.model = args.model or get_matrix(args.matrix).model
     options = RunOptions(backend=args.backend, device=args.device, dtype=args.dtype, model=args.model)
     seeds = [int(s) for s in args.seeds.split(",")]
     setups = args.setups.split(",") if args.setups else None

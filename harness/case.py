@@ -9,7 +9,7 @@ from harness.setup import ParallelSetup
 
 STATUSES = ("pass", "fail", "error", "skip")
 # Record keys newer than the result-file format: written only when set, and optional on reading.
-OPTIONAL_KEYS = ("divergences", "repeat")
+OPTIONAL_KEYS = ("divergences", "texts", "repeat")
 HF_BASELINE = "hf"
 # The oracle case of every gate: the one-device eager engine against Hugging Face transformers.
 ORACLE_SETUP = "tp1-pp1-eager"
@@ -69,6 +69,9 @@ class CaseResult:
     # Optional (records written before it lack the key): per request with a failing divergence,
     # its first failing divergence with both token streams (``harness.divergences``).
     divergences: list[dict[str, Any]] | None = None
+    # Optional: with a tokenizer, per request its prompt and both sides' generated text
+    # (``harness.divergences.text_records``).
+    texts: list[dict[str, Any]] | None = None
     # Optional (``--repeat N`` only): the case's N repeats, ``{"n", "statuses", "flaky",
     # "differences", "seconds"}`` (``harness.repeat``).
     repeat: dict[str, Any] | None = None

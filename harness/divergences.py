@@ -1,6 +1,8 @@
 """Every diverging request of a failed case, as its record keeps them (``CaseResult.divergences``):
 per request its first failing divergence, both token streams and, when the checkpoint directory
-ships a tokenizer (``tokenizer.json``), the text of every token the report shows.
+ships a tokenizer (``tokenizer.json``), the text of every token the report shows. With a
+tokenizer, every case (passed or not) also keeps each request's prompt and both sides' generated
+text (``CaseResult.texts``), which the report shows side by side.
 
 The first divergence of the case (``first_divergence``) tells where the case went wrong first;
 these tell whether one request or every request did, and what each side generated around it.
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from harness.compare import Divergence, Verdict, forced_greedy
 
 if TYPE_CHECKING:
-    from reference_impl.requests import RequestOutput
+    from reference_impl.requests import Request, RequestOutput
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -54,6 +56,33 @@ def divergence_records(verdict: Verdict, candidate: Sequence[RequestOutput], bas
     return records
 
 
+def text_records(requests: Sequence[Request], candidate: Sequence[RequestOutput],
+                 baseline: Sequence[RequestOutput], checkpoint: str | Path | None) -> list[dict[str, Any]] | None:
+    """Per request ``{"request_id", "prompt", "baseline", "candidate"}``: the prompt's text (as the
+    scenario made it, else its ids decoded; None for embeddings of no known text) and each side's
+    generated tokens decoded with the checkpoint's tokenizer, special tokens kept. None without a
+    tokenizer."""
+    if checkpoint is None or not (Path(checkpoint) / TOKENIZER_FILE).is_file():
+        return None
+    tokenizer = _tokenizer(str(Path(checkpoint) / TOKENIZER_FILE))
+
+    def decode(ids: Sequence[int]) -> str:
+        return str(tokenizer.decode(list(ids), skip_special_tokens=False))
+
+    candidates = {o.request_id: o for o in candidate}
+    baselines = {o.request_id: o for o in baseline}
+    records = []
+    for r in requests:
+        if r.request_id not in candidates or r.request_id not in baselines:
+            continue
+        prompt = r.prompt_text if r.prompt_text is not None else (
+            decode(r.prompt_ids) if r.prompt_ids is not None and not r.images else None)
+        records.append({"request_id": r.request_id, "prompt": prompt,
+                        "baseline": decode(baselines[r.request_id].token_ids),
+                        "candidate": decode(candidates[r.request_id].token_ids)})
+    return records
+
+
 def token_decoder(checkpoint: str | Path | None) -> Callable[[int], str] | None:
     """A function from token id to its text, from the checkpoint directory's ``tokenizer.json``;
     ``None`` without one (the built-in random tiny models have none: their reports show ids)."""
@@ -63,10 +92,15 @@ def token_decoder(checkpoint: str | Path | None) -> Callable[[int], str] | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _decoder(path: str) -> Callable[[int], str]:
+def _tokenizer(path: str) -> Any:
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(path)
+    return Tokenizer.from_file(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _decoder(path: str) -> Callable[[int], str]:
+    tokenizer = _tokenizer(path)
 
     def decode(token: int) -> str:
         return str(tokenizer.decode([token], skip_special_tokens=False))

@@ -21,11 +21,16 @@ class Matrix:
     # Add the oracle case per scenario (harness.plan.oracle_cases): the one-device engine
     # against Hugging Face transformers, so that a bug every setup shares still fails the gate.
     oracle: bool = True
+    # The model a run of this matrix uses when none is given (``--model``).
+    model: str = "tiny-llava"
 
     def parsed_setups(self, dtype: str | None = None, device: str | None = None) -> list[ParallelSetup]:
         return [ParallelSetup.parse(s, dtype or self.dtype, device or self.device) for s in self.setups]
 
 
+# SmolLM2-135M has 9 attention heads and 3 KV heads: TP degree 3 (tp2 and tp4 do not divide 9).
+_REAL_SETUPS = ("tp3-eager", "tp3-sp-graph-full", "tp3-sp-graph-piecewise", "tp1-pp2-eager", "tp3-pp2-eager",
+                "tp3-pp2-sp-graph-full", "tp3-pp2-sp-graph-piecewise")
 _SP_PAIRS = ("tp2-sp-graph-full", "tp2-sp-graph-piecewise", "tp2-pp2-sp-graph-full", "tp2-pp2-sp-graph-piecewise")
 
 MATRICES: dict[str, Matrix] = {
@@ -45,6 +50,9 @@ MATRICES: dict[str, Matrix] = {
             "tp2-pp2-eager", "tp2-pp2-graph-full", "tp2-pp2-inductor-full",
             "tp2-pp2-sp-graph-full", "tp2-pp2-sp-inductor-full",
             "tp2-pp2-sp-graph-piecewise", "tp2-pp2-sp-inductor-piecewise"), device="cuda", dtype="bfloat16"),
+        Matrix("real", "a real small checkpoint with its tokenizer and real text (SmolLM2-135M-Instruct, the "
+               "'real' extra): tp3, tp1-pp2, tp3-pp2, and tp3[-pp2]-sp with both partitions, on CPU",
+               _REAL_SETUPS, ("text", "prompt_embeds", "mixed"), model="smollm2-135m"),
     )
 }
 

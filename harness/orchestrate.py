@@ -15,7 +15,7 @@ from harness.baseline import BaselineCache, hf_generate
 from harness.case import Case, CaseResult
 from harness.compare import compare
 from harness.compile_cache import use_compile_cache
-from harness.divergences import divergence_records
+from harness.divergences import divergence_records, text_records
 from harness.engines import get_engine
 from harness.launch.base import EngineRun, WorkerError
 from harness.localize import localize_replay
@@ -163,11 +163,13 @@ class Orchestrator:
             divergences = divergence_records(verdict, run.outputs, base, forced, self.checkpoint)
         if not verdict.passed and divergence is not None and localize:
             localization = self.localize(case, requests, divergence["request_id"])
-        metrics = {**verdict.metrics, "policy": policy, **({"sp_note": sp_note} if sp_note else {})}
+        metrics = {**verdict.metrics, "policy": policy, **({"sp_note": sp_note} if sp_note else {}),
+                   **outcome.rank_memory(run.ranks)}
         return Attempt(CaseResult.for_case(
             case, "pass" if verdict.passed else "fail", reason="" if verdict.passed else verdict.message(),
             first_divergence=divergence, localization=localization, metrics=metrics,
             sp_matches=matches, seconds=time.monotonic() - start, divergences=divergences,
+            texts=text_records(requests, run.outputs, base, self.checkpoint),
         ), run.outputs)
 
     def _side(self, case: Case, side: str, produce: Callable[[], _T]) -> _T:

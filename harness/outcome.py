@@ -105,6 +105,17 @@ def rank_disagreement(run: EngineRun) -> str | None:
 _COLLECTIVES = tuple(COLLECTIVES)
 
 
+def rank_memory(ranks: Sequence[RankReport]) -> dict[str, list[int]]:
+    """The candidate's memory per rank, in MiB: ``rank_peak_rss_mib`` (the rank process's peak
+    resident set so far: a pooled worker's covers every engine it has built) and
+    ``rank_weights_mib`` (its weights); empty when the ranks did not report it."""
+    if not any(r.peak_rss_bytes for r in ranks):
+        return {}
+    mib = 1 << 20
+    return {"rank_peak_rss_mib": [round(r.peak_rss_bytes / mib) for r in ranks],
+            "rank_weights_mib": [round(r.weight_bytes / mib) for r in ranks]}
+
+
 def sp_matches(ranks: Sequence[RankReport]) -> dict[str, Any] | None:
     """Per rank, per compiled step graph (``<input>/T=<tokens>``) the SP matches by pattern and the
     collectives left, summed over the graph's pieces; None when nothing was compiled (eager)."""

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 # chunked and steps mix prefill with decode.
 MAX_NUM_BATCHED_TOKENS = 24
 MAX_NUM_SEQS = 8
+# The context every setup's KV cache holds per sequence (capped at the model's own): the longest
+# scenario prompt (the real-text summary: 449 tokens with gsm-llama's tokenizer, ~190 with
+# SmolLM2's) plus 16 generated tokens fits with room. Without the cap an 8192-context model
+# (SmolLM2-135M) allocates 8 x 8192 positions of cache per layer: 3 GB in fp32 at tp1.
+MAX_MODEL_LEN = 1024
 # The features a baseline may take away, each with the fields that make it up (``differences``):
 # a baseline that differs from its candidate in more than one confounds them in a failure.
 _FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -129,7 +134,7 @@ class ParallelSetup:
     def engine_spec(self, checkpoint: str, engine: EngineConfig | None = None) -> EngineSpec:
         """The engine of this setup; ``engine`` replaces the default batching limits (its
         ``chunked_prefill`` is this setup's either way)."""
-        limits = engine or EngineConfig(MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS)
+        limits = engine or EngineConfig(MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, max_model_len=MAX_MODEL_LEN)
         return EngineSpec(
             checkpoint, self.tp, self.pp, self.dtype, self.device,
             replace(limits, chunked_prefill=self.chunked_prefill),

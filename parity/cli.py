@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         get_mutation(args.mutation)
     options = RunOptions(
         backend=args.backend, device=args.device or matrix.device, dtype=args.dtype or matrix.dtype,
-        baseline=args.baseline, model=args.model, fresh_workers=args.fresh_workers,
+        baseline=args.baseline, model=args.model or matrix.model, fresh_workers=args.fresh_workers,
         mutation=args.mutation, seed=args.seed, policy=args.policy, fit=args.fit,
         allow_confounded=args.allow_confounded, case_timeout=args.case_timeout, engine=args.engine,
         requests_file=args.requests, repeat=args.repeat,
@@ -215,7 +215,7 @@ def _selftest(args: argparse.Namespace) -> int:
     # Localization replays add a prefill capture on both sides of every case (off by default);
     # the catalog's localizations are checked by tests/test_detection.py either way.
     options = RunOptions(backend=args.backend, device=args.device or matrix.device, dtype=matrix.dtype,
-                         model=args.model, seed=args.seed, localize=args.localize)
+                         model=args.model or matrix.model, seed=args.seed, localize=args.localize)
     report = selftest(matrix, options, names, Path(args.out))
     print(report.scenario_table())
     print(f"clean run {'passed' if report.clean_passed else 'FAILED'}; "
@@ -227,6 +227,7 @@ def _selftest(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from harness.matrix import MATRICES
     from scenarios.models import MODELS, SHIPPED_DESCRIPTIONS
+    from scenarios.models.gguf import CONVERTED
     from scenarios.registry import SCENARIOS
 
     if args.what == "models":
@@ -234,6 +235,8 @@ def _list(args: argparse.Namespace) -> int:
             print(f"{name:12s} {spec.description}")
         for name, description in SHIPPED_DESCRIPTIONS.items():
             print(f"{name:12s} {description}")
+        for name, converted in CONVERTED.items():
+            print(f"{name:12s} {converted.description}")
     elif args.what == "matrices":
         for m in MATRICES.values():
             print(f"{m.name:8s} {len(m.setups)} setups x {len(m.scenarios)} scenarios "
@@ -268,10 +271,11 @@ def _matrix(args: argparse.Namespace) -> int:
     from harness.plan import RunOptions, plan
     from harness.shards import costs, durations, partition, runner_labels
 
-    planned = plan(m, RunOptions(backend="mp", device=m.device, dtype=m.dtype, model=args.model))
+    model = args.model or m.model
+    planned = plan(m, RunOptions(backend="mp", device=m.device, dtype=m.dtype, model=model))
     measured = durations(Path(args.durations)) if args.durations else None
     cost = costs(planned, measured)
-    shards = [{"shard": f"{i}/{args.shards}", "matrix": m.name, "model": args.model, "device": m.device,
+    shards = [{"shard": f"{i}/{args.shards}", "matrix": m.name, "model": model, "device": m.device,
                "dtype": m.dtype, "runs_on": json.dumps(runner_labels(m.device, part)),
                "cases": ",".join(p.case.id for p in part), "count": len(part),
                "estimate_s": round(sum(cost[p.case.id] for p in part), 1)}
@@ -408,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--matrix", default="smoke", help="named matrix (parity list matrices)")
     run.add_argument("--setups", help="comma-separated setup ids, e.g. tp2-sp-graph-full (default: the matrix's)")
     run.add_argument("--scenarios", help="comma-separated scenarios (default: the matrix's)")
-    run.add_argument("--model", default="tiny-llava", help="built-in model name or local HF checkpoint dir")
+    run.add_argument("--model", help="built-in model name or local HF checkpoint dir (default: the matrix's: "
+                     "tiny-llava, smollm2-135m for --matrix real)")
     # harness.engines.ENGINES' names, repeated: importing it pulls in torch, which --help should not wait for.
     run.add_argument("--engine", default="reference", choices=["reference", "transformers"],
                      help="the engine under test: parity's reference engine, or Hugging Face transformers' "
@@ -455,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("selftest", help="run a matrix clean and under every catalogued mutation")
     st.add_argument("--matrix", default="smoke")
-    st.add_argument("--model", default="tiny-llava", help="built-in model name or local HF checkpoint dir")
+    st.add_argument("--model", help="built-in model name or local HF checkpoint dir (default: the matrix's)")
     st.add_argument("--mutations", help="comma-separated subset of the catalog (default: all)")
     st.add_argument("--backend", default="ray", choices=["ray", "mp"])
     st.add_argument("--device", choices=["cpu", "cuda"], help="default: the matrix's")
@@ -494,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("matrix", help="print a matrix as JSON, or as a GitHub Actions matrix of shards")
     mat.add_argument("--name", required=True)
     mat.add_argument("--shards", type=int, default=1)
-    mat.add_argument("--model", default="tiny-llava", help="the model the shards will run (skips depend on it)")
+    mat.add_argument("--model", help="the model the shards will run (skips depend on it; default: the matrix's)")
     mat.add_argument("--durations", metavar="DIR", help="an earlier run directory whose case times balance the shards")
     mat.add_argument("--format", default="json", choices=["json", "github"])
     mat.set_defaults(func=_matrix)

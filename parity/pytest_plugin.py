@@ -47,7 +47,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity-device", default=None, choices=["cpu", "cuda"],
                     help="device of the cases (default: the matrix's)")
     group.addoption("--parity-matrix", default="smoke", help="matrix whose cases parametrize parity_case")
-    group.addoption("--parity-model", default="tiny-llava", help="built-in model or local checkpoint dir")
+    group.addoption("--parity-model", default=None,
+                    help="built-in model or local checkpoint dir (default: the matrix's)")
     group.addoption("--parity-engine", default="reference", choices=["reference", "transformers"],
                     help="the engine under test (default: reference; transformers: its tp_plan='auto' TP)")
     group.addoption("--parity-out", default=None, help="also record results and render a report here")
@@ -118,7 +119,7 @@ def _options(config: pytest.Config) -> RunOptions:
     matrix = get_matrix(config.getoption("--parity-matrix"))
     return RunOptions(backend=config.getoption("--parity-backend"),
                       device=config.getoption("--parity-device") or matrix.device,
-                      dtype=matrix.dtype, model=config.getoption("--parity-model"),
+                      dtype=matrix.dtype, model=config.getoption("--parity-model") or matrix.model,
                       engine=config.getoption("--parity-engine"))
 
 

@@ -1,4 +1,4 @@
-"""Build one rank's engine: load the full checkpoint, keep this stage, shard, wrap in a runner."""
+"""Build one rank's engine: keep this stage, read this rank's shards of the checkpoint, wrap in a runner."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 
 from reference_impl.compile.config import CompileConfig, pad_to_bucket, token_buckets
 from reference_impl.config import load_config
-from reference_impl.loader import DTYPES, load_model
-from reference_impl.parallel import apply_tp, init_parallel, split_stages, validate_parallel
+from reference_impl.loader import DTYPES, CheckpointWeights, check_complete, materialize, meta_model
+from reference_impl.model import CausalLM
+from reference_impl.parallel import ParallelState, apply_tp, init_parallel, split_stages, validate_parallel
 from reference_impl.parallel.pipeline import PipelineComm
 from reference_impl.runner import EngineConfig, LocalComm, Runner, StageComm
 
@@ -66,12 +67,23 @@ def local_device(kind: str, rank: int) -> torch.device:
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
+def load_rank_model(spec: EngineSpec, state: ParallelState, rank_device: torch.device) -> CausalLM:
+    """This rank's part of the model, reading only what it keeps: the structure on the meta device,
+    cut to the rank's pipeline stage, its TP shards read as slices of the checkpoint's tensors, then
+    the rest of the stage (norms; everything at tp=1) read whole. Never the full checkpoint."""
+    cfg = load_config(Path(spec.checkpoint))
+    weights = CheckpointWeights(spec.checkpoint, spec.torch_dtype, rank_device, tied=cfg.text.tie_word_embeddings)
+    model = meta_model(cfg)
+    check_complete(model, weights)
+    model = split_stages(model, spec.pp, state.pp_rank)
+    model = apply_tp(model, state, weights)
+    return materialize(model, weights).eval()
+
+
 def build_runner(spec: EngineSpec, rank_device: torch.device) -> Runner:
     """This rank's runner. Needs the default process group when ``world_size > 1``."""
     state = init_parallel(spec.tp, spec.pp)
-    model = load_model(spec.checkpoint, spec.torch_dtype, rank_device)
-    model = split_stages(model, spec.pp, state.pp_rank)
-    model = apply_tp(model, state)
+    model = load_rank_model(spec, state, rank_device)
     comm: StageComm = LocalComm()
     if spec.pp > 1:
         comm = PipelineComm(state, model.cfg.text.hidden_size, spec.torch_dtype, rank_device, spec.compile)

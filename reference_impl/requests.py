@@ -23,6 +23,9 @@ class Request:
     greedy token; the output then holds the forced ids with *their* logprobs, and each step's
     top-k as the engine computed it (its first entry is the engine's own greedy choice). Two
     engines forced along the same tokens are compared on the same prefixes at every step.
+
+    ``prompt_text``: the prompt as text, when it came from text (for reports, like vLLM's
+    ``prompt`` beside ``prompt_token_ids``); the engine reads only the ids or embeddings.
     """
 
     request_id: str
@@ -35,6 +38,7 @@ class Request:
     prompt_logprobs: bool = False
     score_ids: tuple[int, ...] | None = None
     stop_token_ids: tuple[int, ...] = ()
+    prompt_text: str | None = None
 
     @property
     def prompt_len(self) -> int:

@@ -30,7 +30,9 @@ class EngineConfig:
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 64
     chunked_prefill: bool = True
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # The context the KV cache holds per sequence, at most the model's max_position_embeddings
+    # (the default); a cap keeps a long-context model's cache small (``max_num_seqs`` x this).
+    max_model_len: int | None = None
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.chunked_prefill)
@@ -133,7 +135,8 @@ class Runner:
 
     def __post_init__(self) -> None:
         self.param = next(self.model.parameters())
-        self.max_model_len = self.config.max_model_len or self.model.cfg.text.max_position_embeddings
+        positions = self.model.cfg.text.max_position_embeddings
+        self.max_model_len = min(self.config.max_model_len or positions, positions)
         self.kv_caches = self._allocate_caches()
 
     @property

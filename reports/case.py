@@ -27,7 +27,7 @@ Record = dict[str, Any]
 # A case record's optional keys with the value a missing one stands for.
 RECORD_DEFAULTS: dict[str, Any] = {"reason": "", "first_divergence": None, "localization": None,
                                    "sp_matches": None, "metrics": {}, "seconds": 0.0, "divergences": None,
-                                   "repeat": None}
+                                   "texts": None, "repeat": None}
 # Steps of the token streams shown before and after a divergence.
 STREAM_BEFORE, STREAM_AFTER = 3, 4
 # What the localizer's errors measure (harness.localize.ERROR_UNIT), for records that predate it.
@@ -62,6 +62,18 @@ class StreamRow:
     baseline: str
     candidate: str
     mark: str
+
+
+@dataclass(frozen=True)
+class TextRow:
+    """One request's prompt and both sides' generated text (checkpoints with a tokenizer);
+    ``differs``: the two texts are not the same."""
+
+    request_id: str
+    prompt: str
+    baseline: str
+    candidate: str
+    differs: bool
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,7 @@ class CaseView:
     repro: str
     sp: list[tuple[str, str]] = field(default_factory=list)
     history: HistoryTag | None = None
+    texts: list[TextRow] = field(default_factory=list)
     repeat: RepeatView | None = None
 
     @property
@@ -432,6 +445,21 @@ def anchors(records: Sequence[Record]) -> list[str]:
     return out
 
 
+def text_rows(texts: Any) -> list[TextRow]:
+    """The record's ``texts`` (prompt, baseline and candidate text per request) as rows; records
+    without them (no tokenizer, or older) have none."""
+    if not isinstance(texts, list):
+        return []
+    rows = []
+    for t in texts:
+        if isinstance(t, dict):
+            base, cand = str(t.get("baseline") or ""), str(t.get("candidate") or "")
+            prompt = t.get("prompt")
+            rows.append(TextRow(fmt(t.get("request_id")), "—" if prompt is None else str(prompt), base, cand,
+                                base != cand))
+    return rows
+
+
 def case_view(record: Record, anchor: str, run: Mapping[str, Any] | None = None,
               history: Mapping[str, Any] | None = None) -> CaseView:
     """The view of one record; ``run``: the run's settings (for the reproduce command);
@@ -443,7 +471,7 @@ def case_view(record: Record, anchor: str, run: Mapping[str, Any] | None = None,
         result=r, anchor=anchor, seconds=f"{as_float(r['seconds']) or 0.0:.2f}",
         metrics=[(str(k), fmt(v)) for k, v in r["metrics"].items()], divergences=_divergences(r),
         localization=localization_view(r["localization"]), repro=reproduce_command(r, run),
-        sp=sp_rows(r["sp_matches"]),
+        sp=sp_rows(r["sp_matches"]), texts=text_rows(r["texts"]),
         history=history_tag(cases.get(r["id"])) if isinstance(cases, dict) else None,
         repeat=repeat_view(r["repeat"]),
     )

@@ -99,7 +99,8 @@ def mixed(
 
 
 def embedding_table(checkpoint: str | Path) -> torch.Tensor:
-    """The checkpoint's full ``(vocab, hidden)`` token embedding, read from its safetensors."""
-    from reference_impl.loader import read_state_dict
+    """The checkpoint's full ``(vocab, hidden)`` token embedding in float32, read from its
+    safetensors (that tensor alone)."""
+    from reference_impl.loader import CheckpointWeights
 
-    return read_state_dict(Path(checkpoint))["model.embed_tokens.weight"]
+    return CheckpointWeights(Path(checkpoint)).get("model.embed_tokens.weight")

@@ -63,6 +63,23 @@ def test_workflow_jobs_agree_with_parity_matrix(capsys: pytest.CaptureFixture[st
     assert upload["with"]["name"] == "shard-${{ strategy.job-index }}"
 
 
+def test_plan_takes_several_matrices_numbered_in_one_sequence(tmp_path: Path) -> None:
+    """The nightly plans its matrices together (``MATRIX: nightly,real``): every matrix's shards,
+    each with its own matrix and model, numbered I/N in one sequence (shard I uploads as shard-I)."""
+    parity = tmp_path / "parity"
+    parity.write_text(f"#!/bin/sh\nexec {sys.executable} -m parity.cli \"$@\"\n")
+    parity.chmod(0o755)
+    env = {**os.environ, "PARITY": str(parity), "PYTHON": sys.executable, "PLAN": str(tmp_path / "plan.json"),
+           "PYTHONPATH": str(ROOT)}
+    env.pop("GITHUB_OUTPUT", None)
+    subprocess.run([str(ROOT / "ci" / "plan"), "smoke,nightly", "2"], env=env, cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    shards = json.loads((tmp_path / "plan.json").read_text())["include"]
+    assert [s["shard"] for s in shards] == [f"{i}/4" for i in range(4)]
+    assert [s["matrix"] for s in shards] == ["smoke", "smoke", "nightly", "nightly"]
+    assert "nightly,real" in WORKFLOW.read_text()
+
+
 # -- merge, summary, annotations, history (synthetic shard directories) ---------------------------
 
 def record(case: str, status: str, reason: str = "", localization: dict | None = None) -> dict:

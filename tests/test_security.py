@@ -1,6 +1,6 @@
 """Security properties that a look at the source can check: nothing is unpickled from files
 (tensors come through safetensors; results, baselines and reports are JSON), and model weights
-reach transformers through safetensors only. (The Ray head's loopback binding is checked in
+reach transformers through safetensors only (or, converting the real model, a GGUF file). (The Ray head's loopback binding is checked in
 test_faults_ray.py, workers' catalogued operations in test_distributed.py, report escaping in
 test_report.py.)"""
 
@@ -53,7 +53,10 @@ def test_nothing_is_unpickled_from_files(path: Path) -> None:
             assert _keyword(call, "weights_only") is True, f"{where}: torch.load without weights_only=True"
         if (owner, attr) == ("np", "load") or (owner, attr) == ("numpy", "load"):
             assert _keyword(call, "allow_pickle") is not True, f"{where}: numpy load with allow_pickle"
-        if attr == "from_pretrained" and owner not in ("AutoTokenizer", "AutoConfig"):
+        # A GGUF file (``gguf_file=``, the real model's conversion) is read by the gguf package as
+        # raw tensors, no pickle; transformers ignores use_safetensors for it.
+        gguf = any(kw.arg == "gguf_file" for kw in call.keywords)
+        if attr == "from_pretrained" and owner not in ("AutoTokenizer", "AutoConfig") and not gguf:
             assert _keyword(call, "use_safetensors") is True, f"{where}: weights may come from a pickle"
 
 

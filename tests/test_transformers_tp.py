@@ -61,6 +61,22 @@ def test_tp2_capture_through_hooks_matches_the_reference_engine_layer_by_layer(p
     assert found["layer"] is None and max(found["per_layer_error"]) < ACTIVATION_RTOL["float32"], found
 
 
+def test_tp2_ranks_report_the_weights_they_hold(pool: LauncherPool) -> None:
+    """Each transformers TP rank's ``weight_bytes`` (the record's ``rank_weights_mib``) is its local
+    shard of every DTensor parameter: less than the model, the ranks together at least the model
+    (replicated norms count on each), as for the reference engine's ranks."""
+    from reference_impl.loader import load_model
+
+    ck = str(checkpoint("tiny-llama"))
+    reqs = get_scenario("text").requests(Path(ck), "float32")[:1]
+    full = sum(p.numel() * p.element_size() for p in load_model(ck).parameters())
+    for setup in (ParallelSetup(tp=2, engine="transformers"), ParallelSetup(tp=2)):
+        ranks = pool.run_traced(setup, ck, reqs).ranks
+        held = [r.weight_bytes for r in ranks]
+        assert len(held) == 2 and all(0 < b < full for b in held) and sum(held) >= full, (setup.id, held, full)
+        assert all(r.peak_rss_bytes > 0 for r in ranks)
+
+
 def test_qwen2_with_one_kv_head_at_tp2_fails_naming_engine_rank_and_message(pool: LauncherPool) -> None:
     result = run(pool, "tiny-qwen2", ["tp2-eager"], ["text"])["tiny-qwen2/tp2-eager@transformers-text"]
     assert result.status == "fail"

@@ -69,6 +69,22 @@ class Engine(Protocol):
         """What the compile passes did to every graph of this engine; ``[]`` when none."""
         ...
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this rank holds (its shards under TP, its stage's under PP)."""
+        ...
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters ``model`` holds on this rank (a tied one once): of a ``DTensor``
+    (transformers' TP) its local shard, whose global size ``numel`` would give."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        total += local.numel() * local.element_size()
+    return total
+
 
 @dataclass(frozen=True)
 class EngineKind:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from harness.engines.base import weight_bytes
 from reference_impl.engine import EngineSpec, build_runner
 from reference_impl.requests import Request, RequestOutput
 from reference_impl.runner import Runner
@@ -48,6 +49,9 @@ class ReferenceEngine:
         from reference_impl.compile.compiled_model import compile_records
 
         return compile_records(self.runner.model_fn)
+
+    def weight_bytes(self) -> int:
+        return weight_bytes(self.runner.model)
 
 
 def unsupported(setup: ParallelSetup) -> str | None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from harness.engines.base import weight_bytes
 from harness.engines.greedy import finished, record_step, score_prompt
 from harness.engines.transformers_tp import TransformersSpec
 from reference_impl.config import ModelConfig, load_config
@@ -150,3 +151,8 @@ class TransformersEngine:
 
     def compile_records(self) -> list[dict[str, object]]:
         return []
+
+    def weight_bytes(self) -> int:
+        """This rank's part of the model's parameters: under ``tp_plan="auto"`` each is a
+        ``DTensor`` whose local shard (or replica) is what the rank holds."""
+        return weight_bytes(self.model)

@@ -31,11 +31,14 @@ class WorkerError(RuntimeError):
 class RankReport:
     """What one rank saw of a generation: the token ids it recorded per request (every rank
     records the sampled tokens, so TP ranks that disagree show here) and, for a compiled engine,
-    each compiled step it ran with its SP matches and collectives (``steps_report``)."""
+    each compiled step it ran with its SP matches and collectives (``steps_report``); and its
+    memory: the process's peak resident set so far and the bytes of the weights it holds."""
 
     rank: int
     token_ids: tuple[tuple[int, ...], ...]
     steps: tuple[dict[str, Any], ...] = ()
+    peak_rss_bytes: int = 0
+    weight_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,21 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=900)
 ENGINE_CACHE_SIZE = 2
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far: ``VmHWM`` of ``/proc/self/status`` (Linux).
+    Not ``getrusage``'s ``ru_maxrss``, which keeps the peak of the process it was forked from
+    across ``exec`` (a rank started by a 500 MB driver would report at least 500 MB); 0 where
+    the file is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Worker:
     """A rank's long-lived state: the process group (kept across cases) and the last engine."""
 
@@ -78,7 +93,8 @@ class Worker:
         ``RankReport`` (the tokens it recorded, the compiled steps it ran)."""
         engine = self.engine(spec)
         outputs = engine.generate(requests)
-        report = RankReport(self.rank, tuple(tuple(o.token_ids) for o in outputs), tuple(engine.compiled_steps()))
+        report = RankReport(self.rank, tuple(tuple(o.token_ids) for o in outputs), tuple(engine.compiled_steps()),
+                            peak_rss_bytes(), engine.weight_bytes())
         return (outputs if self.rank == 0 else None), report
 
     def capture(self, spec: BuildSpec, requests: Sequence[Request]) -> dict[str, torch.Tensor]:

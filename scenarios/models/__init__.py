@@ -1,7 +1,9 @@
-"""Tiny checkpoints built offline with transformers from a config and a seed.
+"""Built-in models: tiny checkpoints built offline with transformers from a config and a seed,
+checkpoints shipped in the repository, and real checkpoints converted from a package's GGUF file.
 
-Each built-in model is a ``TinyModelSpec``; ``checkpoint(name)`` builds it once into a cache
-directory keyed by a hash of (spec, seed, transformers major version) and returns the path.
+Each tiny model is a ``TinyModelSpec``, each converted one a ``gguf.GgufModelSpec``;
+``checkpoint(name)`` builds or converts it once into a cache directory keyed by a hash of what
+determines it (spec, seed or package version, transformers major version) and returns the path.
 Building is atomic (a temporary directory renamed into place), so concurrent test workers may
 ask for the same model at once.
 """
@@ -13,9 +15,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from scenarios.models.gguf import CONVERTED
 
 # Standard deviation of the LM-head (or tied embedding) weights. The final RMSNorm gives hidden
 # states of unit RMS, so logits have std ~ sqrt(hidden) * std = 8 * 1.0: the top-1 token leads
@@ -158,22 +163,40 @@ def build(spec: TinyModelSpec, out: Path) -> None:
     model.save_pretrained(str(out))
 
 
+def builtin_names() -> list[str]:
+    """Every built-in model name: tiny, shipped and converted."""
+    return sorted([*MODELS, *SHIPPED, *CONVERTED])
+
+
 def checkpoint(name: str) -> Path:
-    """Path of the built checkpoint of a built-in model (building it on first use), or of a
-    shipped one."""
+    """Path of the checkpoint of a built-in model: built (tiny) or converted (GGUF) on first use,
+    or shipped in the repository."""
     if name in SHIPPED:
         return SHIPPED[name]
+    if name in CONVERTED:
+        from scenarios.models import gguf
+
+        spec = CONVERTED[name]
+        gguf.gguf_path(spec)  # the package and gguf are installed, else a ValueError naming them
+        digest = hashlib.sha256(json.dumps(spec.digest_parts()).encode()).hexdigest()[:12]
+        return _cached(name, digest, lambda out: gguf.convert(spec, out))
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: built-in models are {sorted([*MODELS, *SHIPPED])}")
-    spec = MODELS[name]
+        raise ValueError(f"unknown model {name!r}: built-in models are {builtin_names()}")
+    tiny = MODELS[name]
+    return _cached(name, tiny.digest(), lambda out: build(tiny, out))
+
+
+def _cached(name: str, digest: str, make: Callable[[Path], None]) -> Path:
+    """``<cache>/models/<name>-<digest>``, made by ``make(tmp)`` into a temporary directory renamed
+    into place (so a concurrent caller sees either nothing or the whole checkpoint)."""
     root = cache_root() / "models"
-    final = root / f"{name}-{spec.digest()}"
+    final = root / f"{name}-{digest}"
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        build(spec, tmp)
+        make(tmp)
         try:
             tmp.rename(final)
         except OSError:  # another process won the race; its copy is identical
@@ -185,12 +208,12 @@ def checkpoint(name: str) -> Path:
 
 def resolve(name_or_path: str) -> Path:
     """A built-in model name, or a local Hugging Face checkpoint directory."""
-    if name_or_path in MODELS or name_or_path in SHIPPED:
+    if name_or_path in MODELS or name_or_path in SHIPPED or name_or_path in CONVERTED:
         return checkpoint(name_or_path)
     path = Path(name_or_path)
     if (path / "config.json").is_file():
         return path
     raise ValueError(
-        f"{name_or_path!r} is neither a built-in model ({', '.join(sorted([*MODELS, *SHIPPED]))}) "
+        f"{name_or_path!r} is neither a built-in model ({', '.join(builtin_names())}) "
         "nor a directory holding config.json"
     )
