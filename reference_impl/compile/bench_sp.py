@@ -126,8 +126,9 @@ def collectives_ms(tokens: int, hidden: int, tp: int, dtype: torch.dtype, device
     }
 
 
-def kernel_breakdown(step: Callable[[], object], steps: int) -> dict[str, float]:
-    """Device time per step by kernel category (ms), from the profiler."""
+def kernel_breakdown(step: Callable[[], object], steps: int, top: int = 12) -> dict[str, Any]:
+    """Device time per step by kernel category (ms), and the ``top`` kernels by time with their
+    names (what a category holds), from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -135,12 +136,15 @@ def kernel_breakdown(step: Callable[[], object], steps: int) -> dict[str, float]
             step()
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
+    kernels: list[tuple[float, str]] = []
     for event in prof.key_averages():
-        us = float(getattr(event, "self_device_time_total", 0.0) or 0.0)
-        if us > 0:
-            label = category(event.key)
-            totals[label] = totals.get(label, 0.0) + us / 1e3 / steps
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+        ms = float(getattr(event, "self_device_time_total", 0.0) or 0.0) / 1e3 / steps
+        if ms > 0:
+            totals[category(event.key)] = totals.get(category(event.key), 0.0) + ms
+            kernels.append((ms, event.key))
+    return {"categories": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"ms": ms, "name": name[:160], "category": category(name)}
+                            for ms, name in sorted(kernels, reverse=True)[:top]]}
 
 
 def step_fn(compiled: CompiledModel, state: ParallelState, metadata: AttentionMetadata,
@@ -218,9 +222,10 @@ def table(result: dict[str, Any], args: argparse.Namespace) -> str:
     for tokens, r in result["tokens"].items():
         lines.append(f"| {tokens} | {r['tp_ms']:.2f} | {r['sp_ms']:.2f} | {r['sp_ms'] / r['tp_ms']:.3f} | "
                      f"{r['tp_collectives_ms']:.2f} | {r['sp_collectives_ms']:.2f} |")
-    for label, cats in result["profile"].items():
+    for label, prof in result["profile"].items():
         lines.append(f"kernel time per step at {max(args.tokens)} tokens, {label}: "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in cats.items()))
+                     + ", ".join(f"{k} {v:.2f}" for k, v in prof["categories"].items()))
+        lines += [f"  {k['ms']:8.3f} ms  {k['category']:<14} {k['name'][:100]}" for k in prof["top_kernels"]]
     return "\n".join(lines)
 
 
