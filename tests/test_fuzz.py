@@ -47,6 +47,20 @@ def test_drawn_examples_are_valid(example: Example) -> None:
     assert all(r.length <= 2 * budget + 3 for r in example.requests)
 
 
+@settings(max_examples=4, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(example=examples())
+def test_drawn_config_is_what_the_built_checkpoint_says(tmp_path_factory: pytest.TempPathFactory,
+                                                        monkeypatch: pytest.MonkeyPatch, example: Example) -> None:
+    """``ModelDraw.config`` (used to fit setups before anything is built) is the engine's reading of
+    the checkpoint that transformers builds from the drawn spec."""
+    from reference_impl.config import load_config
+    from scenarios.models import tiny_checkpoint
+
+    monkeypatch.setenv("PARITY_CACHE", str(tmp_path_factory.getbasetemp() / "fuzz-cache"))
+    cfg = load_config(tiny_checkpoint(example.model.spec()))
+    assert (cfg.text, cfg.multimodal) == (example.model.config().text, example.model.config().multimodal)
+
+
 @_QUICK
 @given(examples(max_ranks=2))
 def test_setups_respect_the_rank_limit(example: Example) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from reference_impl.config import ModelConfig, MultimodalConfig, TextConfig, VisionConfig
+from reference_impl.config import ModelConfig, MultimodalConfig, RopeConfig, TextConfig, VisionConfig
 from reference_impl.parallel import validate_parallel
 from reference_impl.requests import Request
 from scenarios.models import TinyModelSpec
@@ -27,8 +27,8 @@ PATCH_SIZE = 8
 # Prompt-embeds are token embeddings plus this much noise (relative to the table's std), as in
 # scenarios.inputs: rows that are not rows of the table, so re-embedding the ids would show.
 EMBEDS_NOISE = 0.2
-# Every third prompt token is a vocabulary shard's first or last id (for tp 2 and 4), as in
-# scenarios.inputs: random ids rarely hit a shard boundary.
+# Every third prompt token is a vocabulary shard's first or last id (for tp 2 and 4, whatever the
+# vocabulary), as in scenarios.inputs: random ids rarely hit a shard boundary.
 BOUNDARY_EVERY = 3
 
 
@@ -91,11 +91,16 @@ class ModelDraw:
         return TinyModelSpec(f"fuzz-{self.family}", self.family, self.text_config(), vision, llava, seed=self.seed,
                              description="drawn by parity fuzz")
 
+    def rope_config(self) -> RopeConfig:
+        if self.rope == "llama3":
+            return RopeConfig(self.rope_theta, "llama3", 8.0, 1.0, 4.0, 64)
+        return RopeConfig(self.rope_theta)
+
     def config(self) -> ModelConfig:
         """The engine's view of this model without building it (for fitting setups)."""
         text = TextConfig(self.vocab, self.hidden, self.intermediate, self.layers, self.heads, self.kv_heads,
                           self.head_dim, self.eps, MAX_POSITIONS, self.tied, self.family == "qwen2" or self.bias,
-                          self.family != "qwen2" and self.bias)
+                          self.family != "qwen2" and self.bias, self.rope_config())
         mm = None
         if self.family == "llava":
             vision = VisionConfig(16, 32, self.vision_layers, 2, self.image_size, PATCH_SIZE, 3, 1e-5, "quick_gelu")
@@ -160,7 +165,7 @@ def prompt_ids(model: ModelDraw, n: int, gen: torch.Generator) -> tuple[int, ...
     """``n`` random ids (never the image placeholder), every ``BOUNDARY_EVERY``-th a shard boundary."""
     top = model.vocab - 1 if model.image_token is not None else model.vocab
     ids = torch.randint(0, top, (n,), generator=gen).tolist()
-    boundaries = sorted({model.vocab // 4 * i + d for i in (1, 2, 3) for d in (-1, 0)} | {0})
+    boundaries = sorted({model.vocab * i // tp + d for tp in (2, 4) for i in range(tp) for d in (0, -1)} - {-1})
     for i in range(0, n, BOUNDARY_EVERY):
         ids[i] = min(boundaries[(i // BOUNDARY_EVERY) % len(boundaries)], top - 1)
     return tuple(ids)

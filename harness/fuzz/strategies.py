@@ -50,7 +50,8 @@ def models(draw: st.DrawFn, families: Sequence[str] = FAMILIES) -> ModelDraw:
         heads=heads,
         kv_heads=draw(st.sampled_from(sorted(_divisors(heads), reverse=True))),
         head_dim=draw(st.sampled_from(HEAD_DIMS)),
-        hidden=draw(st.sampled_from(HIDDEN)),
+        # transformers refuses a hidden size that the head count does not divide (even with head_dim)
+        hidden=draw(st.sampled_from([h for h in HIDDEN if h % heads == 0])),
         intermediate=draw(st.sampled_from(INTERMEDIATE)),
         vocab=draw(st.sampled_from(VOCABS)),
         eps=draw(st.sampled_from(EPSILONS)),
