@@ -248,7 +248,8 @@ def _fuzz(args: argparse.Namespace) -> int:
     st = report.stats
     print(f"parity fuzz: {st.examples} examples in {st.search_seconds:.0f} s ({st.examples_per_minute:.1f}/min): "
           f"{st.compared} compared a parallel setup, {st.oracle_only} only the one-device oracle, "
-          f"{st.nothing_ran} nothing, {st.errors} infrastructure errors; cases {dict(st.cases)}", file=sys.stderr)
+          f"{st.nothing_ran} nothing, {st.errors} infrastructure errors, {st.build_errors} not buildable; "
+          f"cases {dict(st.cases)}", file=sys.stderr)
     code = report.exit_code
     if report.failure is not None and report.repro is not None:
         print(f"parity fuzz: FAILURE after {st.first_failure_seconds} s, shrunk in {st.shrink_runs} runs "

@@ -27,6 +27,7 @@ from harness.matrix import Matrix
 from harness.orchestrate import Orchestrator
 from harness.plan import RunOptions, plan
 from harness.pool import LauncherPool
+from reference_impl.requests import Request
 from scenarios.inputs import embedding_table
 from scenarios.models import tiny_checkpoint
 from scenarios.request_file import save_requests
@@ -97,6 +98,7 @@ class FuzzStats:
     oracle_only: int = 0
     nothing_ran: int = 0
     errors: int = 0
+    build_errors: int = 0  # drawn examples whose checkpoint or requests could not be made (a strategy bug)
     shrink_runs: int = 0
     cases: Counter[str] = field(default_factory=Counter)
     search_seconds: float = 0.0
@@ -149,7 +151,7 @@ class _Ran:
     """One example's checkpoint, requests and case results."""
 
     checkpoint: Path
-    requests: list[Any]
+    requests: list[Request]
     results: list[CaseResult]
 
 
@@ -188,11 +190,14 @@ class Fuzzer:
 
     # --- one example -----------------------------------------------------------------------
 
-    def run_example(self, example: Example) -> _Ran:
-        """Build (or reuse) the checkpoint, write the requests file, run every case."""
+    def prepare(self, example: Example) -> tuple[Path, list[Request], Path]:
+        """Build (or reuse) the checkpoint and write the requests file."""
         checkpoint = tiny_checkpoint(example.model.spec())
         requests = materialize(example, embedding_table(checkpoint))
-        path = save_requests(self.options.out / "work" / "requests.json", requests)
+        return checkpoint, requests, save_requests(self.options.out / "work" / "requests.json", requests)
+
+    def run_example(self, example: Example, checkpoint: Path, requests: list[Request], path: Path) -> _Ran:
+        """Every case of ``example``: the drawn setups against their baselines, and the oracle."""
         options = RunOptions(backend=self.options.backend, model=str(checkpoint), mutation=self.options.mutation,
                              requests_file=str(path), localize=False,
                              max_num_seqs=example.engine.max_num_seqs,
@@ -206,7 +211,13 @@ class Fuzzer:
         if time.monotonic() >= self._deadline:
             raise _Stop
         start = time.monotonic()
-        ran = self.run_example(example)
+        try:
+            prepared = self.prepare(example)
+        except Exception as exc:  # the draw, not the engine: a checkpoint transformers refuses, say
+            self.stats.build_errors += 1
+            self.progress(f"[build error] {type(exc).__name__}: {str(exc)[:300]}  {example.summary()}")
+            return
+        ran = self.run_example(example, *prepared)
         seconds = time.monotonic() - start
         self._count(ran.results)
         failed = [r for r in ran.results if r.status == "fail"]
