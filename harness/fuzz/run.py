@@ -117,6 +117,7 @@ class FuzzStats:
 class Failure:
     example: Example
     setup: str
+    baseline: str
     reason: str
 
 
@@ -139,7 +140,7 @@ class FuzzReport:
     def to_json(self) -> dict[str, Any]:
         failure = None
         if self.failure is not None:
-            failure = {"setup": self.failure.setup, "reason": self.failure.reason,
+            failure = {"setup": self.failure.setup, "baseline": self.failure.baseline, "reason": self.failure.reason,
                        "example": asdict(self.failure.example), "summary": self.failure.example.summary(),
                        "prompt_tokens": self.failure.example.prompt_tokens()}
         return {"stats": self.stats.to_json(), "failure": failure, "exit_code": self.exit_code,
@@ -204,7 +205,21 @@ class Fuzzer:
                              max_num_batched_tokens=example.engine.max_num_batched_tokens)
         planned = plan(Matrix("fuzz", "drawn setups", example.setups, scenarios=()), options)
         orchestrator = Orchestrator(options, self.pool, self.baseline_pool)
-        return _Ran(checkpoint, requests, [_judged(orchestrator.run_case(p)) for p in planned])
+        results: list[CaseResult] = []
+        for p in planned:
+            if self.best is not None and not self._wanted_while_shrinking(p.case.setup.id, p.case.baseline_id):
+                continue
+            results.append(_judged(orchestrator.run_case(p)))
+            if self.best is not None and results[-1].status == "fail":
+                break  # shrinking asks only whether the example still fails
+        return _Ran(checkpoint, requests, results)
+
+    def _wanted_while_shrinking(self, setup_id: str, baseline_id: str) -> bool:
+        """While shrinking, the oracle case runs only when the failure being shrunk is the oracle's
+        (and a parallel case only when it is a parallel one's): a smaller example must fail the
+        same kind of check, and the other one's cost buys nothing."""
+        assert self.best is not None
+        return is_oracle(setup_id, baseline_id) == is_oracle(self.best.setup, self.best.baseline)
 
     def check(self, example: Example) -> None:
         """Hypothesis's test body: run ``example``, count it, raise ``FuzzFailure`` on a failing case."""
@@ -224,7 +239,8 @@ class Fuzzer:
         self._log(example, ran.results, seconds)
         if not failed:
             return
-        failure = Failure(example, failed[0].setup, failed[0].reason.splitlines()[0] if failed[0].reason else "")
+        first = failed[0]
+        failure = Failure(example, first.setup, first.baseline, first.reason.splitlines()[0] if first.reason else "")
         if self.best is None:
             self._found_at = time.monotonic()
             self.stats.first_failure_seconds = round(self._found_at - self._start, 1)
