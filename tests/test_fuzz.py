@@ -142,3 +142,18 @@ def test_mutation_is_found_shrunk_and_replayed(tmp_path: Path) -> None:
     assert report["failure"]["setup"] == "tp2-sp-graph-full"
     command = (out / "repro" / "command.txt").read_text().strip()
     assert main(shlex.split(command)[1:]) == 1
+
+
+def test_hf_baseline_keeps_prompt_token_zero() -> None:
+    """Found by the fuzzer: transformers' generate() inferred the attention mask as ids != pad id
+    (0) and dropped every prompt token 0, so the oracle's baseline was another prompt's."""
+    from harness.baseline import hf_generate
+    from reference_impl.loader import load_model
+    from reference_impl.requests import Request
+    from reference_impl.runner import EngineConfig, Runner
+    from scenarios.models import checkpoint
+
+    ck = checkpoint("tiny-llama")
+    requests = [Request("zero", (0,), max_new_tokens=3, top_k=2), Request("mid", (7, 0, 9), max_new_tokens=3)]
+    engine = Runner(load_model(ck), EngineConfig(max_num_batched_tokens=16)).generate(requests)
+    assert [o.token_ids for o in hf_generate(str(ck), requests)] == [o.token_ids for o in engine]
