@@ -135,7 +135,7 @@ def test_nothing_compared_is_not_green(tmp_path: Path) -> None:
 def test_mutation_is_found_shrunk_and_replayed(tmp_path: Path) -> None:
     out = tmp_path / "mut"
     code = main(["fuzz", "--examples", "5", "--seed", "0", "--mutation", "sp-middle-residual-slice",
-                 "--families", "llama", "--setups", "tp2-sp-graph-full", "--shrink-budget", "30",
+                 "--families", "llama", "--setups", "tp2-sp-graph-full", "--shrink-budget", "5",
                  "--out", str(out)])
     assert code == 1
     report = json.loads((out / "fuzz.json").read_text())
