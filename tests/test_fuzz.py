@@ -110,6 +110,19 @@ def test_bad_usage_exits_2(argv: list[str], tmp_path: Path) -> None:
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
 
 
+@pytest.mark.parametrize("flag", ["--max-num-seqs", "--max-num-batched-tokens"])
+def test_run_refuses_a_batching_limit_below_one(flag: str, tmp_path: Path) -> None:
+    assert main(["run", "--setups", "tp2-eager", flag, "0", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_run_options_carry_the_batching_limits() -> None:
+    from harness.plan import RunOptions
+
+    limits = RunOptions(max_num_seqs=2, max_num_batched_tokens=6).limits()
+    assert (limits.max_num_seqs, limits.max_num_batched_tokens, limits.max_model_len) == (2, 6, 1024)
+    assert RunOptions().limits().max_num_batched_tokens == 24
+
+
 def test_options_need_a_limit(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--budget SECONDS or --examples N"):
         FuzzOptions(out=tmp_path)
