@@ -148,7 +148,10 @@ def hf_generate(checkpoint: str, requests: Sequence[Request], dtype: str = "floa
 
 
 def _hf_one(model: Any, req: Request, device: str) -> RequestOutput:
-    kwargs: dict[str, Any] = {}
+    # An explicit all-ones attention mask: without one, generate() infers it as input_ids !=
+    # pad_token_id and silently drops every prompt token with id 0 (found by parity fuzz: a
+    # prompt holding id 0, the first id of vocabulary shard 0, got another baseline).
+    kwargs: dict[str, Any] = {"attention_mask": torch.ones(1, req.prompt_len, dtype=torch.long, device=device)}
     if req.prompt_embeds is not None:
         kwargs["inputs_embeds"] = req.prompt_embeds[None].to(device)
     else:

@@ -45,7 +45,8 @@ class _CaseOutcome(Exception):
 class Orchestrator:
     """Runs cases one by one and hands every result to ``on_result`` as soon as it is final."""
 
-    def __init__(self, options: RunOptions, pool: LauncherPool | None = None) -> None:
+    def __init__(self, options: RunOptions, pool: LauncherPool | None = None,
+                 baseline_pool: LauncherPool | None = None) -> None:
         self.options = options
         use_compile_cache()  # before any pool starts: ranks inherit the location
         if options.mutation is not None and options.fresh_workers:
@@ -54,8 +55,9 @@ class Orchestrator:
         # Baselines come from clean workers, except under a mutation of code every setup shares,
         # which a real engine's baselines would carry too (only the oracle case can tell).
         shared = options.mutation is not None and get_mutation(options.mutation).shared
-        self.baseline_pool = self.pool if options.mutation is None or shared else LauncherPool(
+        self.baseline_pool = self.pool if options.mutation is None or shared else baseline_pool or LauncherPool(
             options.backend, options.device, options.fresh_workers)
+        self.limits = options.limits()
         self.cache = BaselineCache(cache_root() / "baselines")
         self.checkpoint = str(resolve(options.model))
         self._requests: dict[str, list[Request]] = {}
@@ -70,7 +72,8 @@ class Orchestrator:
         return list(self._requests[scenario])
 
     def baseline_outputs(self, case: Case, requests: list[Request]) -> list[RequestOutput]:
-        spec = case.baseline if isinstance(case.baseline, str) else case.baseline.build_spec(self.checkpoint)
+        spec = (case.baseline if isinstance(case.baseline, str)
+                else case.baseline.build_spec(self.checkpoint, self.limits))
         key = BaselineCache.key(self.checkpoint, requests, spec, self.options.dtype, self.options.device)
         # A mutated baseline pool (a shared mutation) must neither read nor write the cache of
         # clean baselines.
@@ -81,7 +84,7 @@ class Orchestrator:
             outputs = hf_generate(self.checkpoint, requests, self.options.dtype, self.options.device)
         else:
             self._make_room(self.baseline_pool, case.baseline)
-            outputs = self.baseline_pool.run(case.baseline, self.checkpoint, requests)
+            outputs = self.baseline_pool.run_traced(case.baseline, self.checkpoint, requests, self.limits).outputs
         if cached:
             self.cache.put(key, outputs)
         return outputs
@@ -89,7 +92,7 @@ class Orchestrator:
     def candidate_run(self, case: Case, requests: list[Request]) -> EngineRun:
         """The candidate's outputs and every rank's report."""
         self._make_room(self.pool, case.setup)
-        return self.pool.run_traced(case.setup, self.checkpoint, requests)
+        return self.pool.run_traced(case.setup, self.checkpoint, requests, self.limits)
 
     def _make_room(self, user: LauncherPool, setup: ParallelSetup) -> None:
         """Free the other pool's GPUs if ``user`` needs them for ``setup`` (``pool.make_room``)."""
@@ -210,7 +213,7 @@ class Orchestrator:
 
     def _capture(self, pool: LauncherPool, setup: ParallelSetup, requests: list[Request]) -> list[dict[str, Any]]:
         self._make_room(pool, setup)
-        return pool.capture(setup, self.checkpoint, requests)
+        return pool.capture(setup, self.checkpoint, requests, self.limits)
 
     def close(self) -> None:
         self.pool.close()

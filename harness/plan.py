@@ -11,6 +11,7 @@ from harness.case import HF_BASELINE, ORACLE_SETUP, Case
 from harness.matrix import Matrix
 from harness.setup import ParallelSetup
 from reference_impl.config import load_config
+from reference_impl.runner import EngineConfig
 from scenarios.models import resolve
 from scenarios.registry import get_scenario
 
@@ -40,6 +41,10 @@ class RunOptions:
     # --repeat N: each case's candidate runs N times; a case whose verdict or outputs differ
     # between them is flaky, and fails (harness.repeat)
     repeat: int = 1
+    # --max-num-seqs / --max-num-batched-tokens: the engine's batching limits in every setup
+    # (None: harness.setup's defaults)
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
         from harness.engines import DEFAULT_ENGINE, get_engine
@@ -56,8 +61,19 @@ class RunOptions:
             raise ValueError(f"--seed {self.seed}: must be >= 0")
         if self.mutation is not None and self.fresh_workers:
             raise ValueError("--mutation patches pooled workers; it cannot be combined with --fresh-workers")
+        for flag, value in (("--max-num-seqs", self.max_num_seqs),
+                            ("--max-num-batched-tokens", self.max_num_batched_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} {value}: must be >= 1")
         if self.repeat < 1:
             raise ValueError(f"--repeat {self.repeat}: must be >= 1 (the number of times each case runs)")
+
+
+    def limits(self) -> EngineConfig:
+        """The engine's batching limits in every setup of this run."""
+        from harness.setup import engine_limits
+
+        return engine_limits(self.max_num_seqs, self.max_num_batched_tokens)
 
 
 @dataclass(frozen=True)

@@ -70,11 +70,12 @@ class LauncherPool:
             if self.fresh_workers and self.backend == "mp" and setup.world_size > 1:
                 self.drop(setup.world_size)
 
-    def capture(self, setup: ParallelSetup, checkpoint: str, requests: list[Request]) -> list[dict[str, Any]]:
+    def capture(self, setup: ParallelSetup, checkpoint: str, requests: list[Request],
+                engine: EngineConfig | None = None) -> list[dict[str, Any]]:
         """Every rank's activations of the requests' prefill under ``setup``."""
         launcher = self.get(setup.world_size)
         try:
-            out: list[dict[str, Any]] = launcher.call("capture", setup.build_spec(checkpoint), requests,
+            out: list[dict[str, Any]] = launcher.call("capture", setup.build_spec(checkpoint, engine), requests,
                                                       timeout=self.time_left())
         except WorkerError:
             self.drop(setup.world_size)

@@ -50,6 +50,8 @@ def run_settings(options: RunOptions, matrix: str, setups: Sequence[str], scenar
         "requests": str(Path(options.requests_file).resolve()) if options.requests_file else None,
         "requests_hash": _requests_hash(options.requests_file),
         "repeat": options.repeat,
+        "engine_limits": {"max_num_seqs": options.limits().max_num_seqs,
+                          "max_num_batched_tokens": options.limits().max_num_batched_tokens},
         "command": shlex.join(argv),
         "version": _version(),
         "git_sha": _git_sha(),

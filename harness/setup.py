@@ -37,6 +37,13 @@ _FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
 REFERENCE_ENGINE = "reference"
 
 
+def engine_limits(max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None) -> EngineConfig:
+    """The batching limits of every setup's engine: the defaults above, or those given (``parity run
+    --max-num-seqs``/``--max-num-batched-tokens``; the fuzzer draws them)."""
+    return EngineConfig(max_num_seqs or MAX_NUM_SEQS, max_num_batched_tokens or MAX_NUM_BATCHED_TOKENS,
+                        max_model_len=MAX_MODEL_LEN)
+
+
 @dataclass(frozen=True)
 class ParallelSetup:
     """A way to run the engine.
@@ -134,7 +141,7 @@ class ParallelSetup:
     def engine_spec(self, checkpoint: str, engine: EngineConfig | None = None) -> EngineSpec:
         """The engine of this setup; ``engine`` replaces the default batching limits (its
         ``chunked_prefill`` is this setup's either way)."""
-        limits = engine or EngineConfig(MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, max_model_len=MAX_MODEL_LEN)
+        limits = engine or engine_limits()
         return EngineSpec(
             checkpoint, self.tp, self.pp, self.dtype, self.device,
             replace(limits, chunked_prefill=self.chunked_prefill),

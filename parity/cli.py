@@ -74,7 +74,8 @@ def _run(args: argparse.Namespace) -> int:
         baseline=args.baseline, model=args.model or matrix.model, fresh_workers=args.fresh_workers,
         mutation=args.mutation, seed=args.seed, policy=args.policy, fit=args.fit,
         allow_confounded=args.allow_confounded, case_timeout=args.case_timeout, engine=args.engine,
-        requests_file=args.requests, repeat=args.repeat,
+        requests_file=args.requests, repeat=args.repeat, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
     planned = plan(matrix, options, _csv(args.setups), _csv(args.scenarios))
     preflight.check_model(options.model)
@@ -222,6 +223,55 @@ def _selftest(args: argparse.Namespace) -> int:
           f"{sum(bool(report.caught_by(m)) for m in names)}/{len(names)} mutations caught; "
           f"details in {Path(args.out) / 'selftest.md'}")
     return EXIT_OK if report.passed else EXIT_FAIL
+
+
+def _fuzz(args: argparse.Namespace) -> int:
+    """Random models, inputs and engine configs against their baselines; a failure shrunk and
+    written as a reproducer whose ``parity run`` command is replayed here (``--no-replay``: not)."""
+    import torch
+
+    from harness.fuzz.run import Fuzzer, FuzzOptions
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    options = FuzzOptions(out=out, budget=args.budget, examples=args.examples, seed=args.seed,
+                          setups=tuple(_csv(args.setups) or ()) or None, mutation=args.mutation,
+                          backend=args.backend, max_ranks=args.max_ranks,
+                          shrink_budget=args.shrink_budget if args.shrink_budget is not None else _shrink_default(args),
+                          families=tuple(_csv(args.families) or ("llama", "qwen2", "llava")))
+    limit = f"{options.budget:g} s" if options.budget is not None else f"{options.examples} examples"
+    print(f"parity fuzz: {limit}, seed {options.seed}, backend {options.backend}, up to {options.max_ranks} ranks"
+          + (f", mutation {options.mutation}" if options.mutation else "") + f", out {out}", file=sys.stderr)
+    report = Fuzzer(options, progress=lambda line: print(line, file=sys.stderr, flush=True)).run()
+    st = report.stats
+    print(f"parity fuzz: {st.examples} examples in {st.search_seconds:.0f} s ({st.examples_per_minute:.1f}/min): "
+          f"{st.compared} compared a parallel setup, {st.oracle_only} only the one-device oracle, "
+          f"{st.nothing_ran} nothing, {st.errors} infrastructure errors, {st.build_errors} not buildable; "
+          f"cases {dict(st.cases)}", file=sys.stderr)
+    code = report.exit_code
+    if report.failure is not None and report.repro is not None:
+        print(f"parity fuzz: FAILURE after {st.first_failure_seconds} s, shrunk in {st.shrink_runs} runs "
+              f"({st.shrink_seconds:.0f} s) to: {report.failure.example.summary()}\n"
+              f"  {report.failure.setup}: {report.failure.reason[:300]}\n"
+              f"reproducer: {report.repro.dir}\n  {report.repro.command}", file=sys.stderr)
+        if not args.no_replay:
+            replayed = main(list(report.repro.argv))
+            print(f"parity fuzz: the reproducer's command exits {replayed}"
+                  + (" (fails again)" if replayed == EXIT_FAIL else " (does NOT fail again)"), file=sys.stderr)
+    elif code == EXIT_NOTHING_RAN:
+        print("parity fuzz: no example compared a parallel setup (every drawn setup was skipped): nothing was "
+              "checked", file=sys.stderr)
+    print(f"parity fuzz: exit {code}; details in {out / 'fuzz.json'}", file=sys.stderr)
+    return code
+
+
+def _shrink_default(args: argparse.Namespace) -> float:
+    """Shrinking's seconds when ``--shrink-budget`` is not given: 300, or the budget if smaller."""
+    from harness.fuzz.run import SHRINK_SECONDS
+
+    return min(SHRINK_SECONDS, args.budget) if args.budget is not None else SHRINK_SECONDS
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -450,6 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run each case's candidate N times (the baseline once, cached): a case whose verdict "
                           "or outputs (tokens, logprobs, top-k, bit for bit) differ between repeats is flaky, "
                           "and fails the run (docs/harness.md)")
+    run.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                     help="the engine's step budget in every setup (default 24: the scenarios' long prompts "
+                          "are chunked); a fuzzer's reproducer gives the budget it drew")
+    run.add_argument("--max-num-seqs", type=int, metavar="N",
+                     help="the engine's batch slots in every setup (default 8)")
     run.add_argument("--case-timeout", type=float, metavar="SECONDS",
                      help="seconds a case may run before it is a hang (an error with every rank's stack); "
                           "default: its expected cost with a margin (docs/reliability.md)")
@@ -491,6 +546,25 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--batch-size", type=int, default=64, help="documents per engine call")
     acc.add_argument("--out", default="parity-accuracy", help="output directory (default: parity-accuracy)")
     acc.set_defaults(func=_accuracy)
+
+    fz = sub.add_parser("fuzz", help="differential testing over random models, inputs and engine configs, "
+                        "with shrinking (docs/fuzz.md)")
+    limit = fz.add_mutually_exclusive_group()
+    limit.add_argument("--budget", type=float, metavar="SECONDS", help="search for this long (then shrink a failure)")
+    limit.add_argument("--examples", type=int, metavar="N", help="draw N examples (then shrink a failure)")
+    fz.add_argument("--seed", type=int, default=0, help="Hypothesis's seed (the same seed draws the same examples)")
+    fz.add_argument("--setups", help="comma-separated setup ids to draw among (default: TP, PP, TPxPP in eager, "
+                    "graph and SP-graph modes, with the drawn chunking and SP threshold)")
+    fz.add_argument("--mutation", help="run with a catalogued bug injected (parity list mutations)")
+    fz.add_argument("--families", help="comma-separated model families to draw (default: llama,qwen2,llava)")
+    fz.add_argument("--max-ranks", type=int, default=4, help="largest world size drawn (default 4)")
+    fz.add_argument("--shrink-budget", type=float, metavar="SECONDS",
+                    help="seconds of shrinking after the first failure (default: 300, or --budget if smaller)")
+    fz.add_argument("--backend", default="mp", choices=["ray", "mp"])
+    fz.add_argument("--no-replay", action="store_true", help="do not run the reproducer's command after a failure")
+    fz.add_argument("--out", default="parity-fuzz", help="output directory: fuzz.json, examples.jsonl, repro/, "
+                    "the example database .hypothesis/ (default: parity-fuzz)")
+    fz.set_defaults(func=_fuzz)
 
     lst = sub.add_parser("list", help="list matrices, setups, scenarios, mutations or models")
     lst.add_argument("what", choices=["matrices", "setups", "scenarios", "mutations", "models"])

@@ -25,7 +25,8 @@ RESULTS_FILE = "results.jsonl"
 # The settings a resumed run must share with the run it continues: what is run, on which model and
 # engine code, and how it is judged. (The command line, backend, git sha and timeouts may differ.)
 RESUME_KEYS = ("matrix", "setups", "scenarios", "model", "checkpoint_hash", "engine", "engine_identity", "engine_code",
-               "baseline", "policy", "dtype", "device", "seed", "mutation", "requests_hash", "repeat", "planned")
+               "baseline", "policy", "dtype", "device", "seed", "mutation", "requests_hash", "repeat", "engine_limits",
+               "planned")
 
 
 class PreflightError(ValueError):

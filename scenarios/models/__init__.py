@@ -186,6 +186,12 @@ def checkpoint(name: str) -> Path:
     return _cached(name, tiny.digest(), lambda out: build(tiny, out))
 
 
+def tiny_checkpoint(spec: TinyModelSpec) -> Path:
+    """The checkpoint of any tiny spec (a built-in one or, say, one the fuzzer drew): built once
+    into ``<cache>/models/<name>-<digest>``."""
+    return _cached(spec.name, spec.digest(), lambda out: build(spec, out))
+
+
 def _cached(name: str, digest: str, make: Callable[[Path], None]) -> Path:
     """``<cache>/models/<name>-<digest>``, made by ``make(tmp)`` into a temporary directory renamed
     into place (so a concurrent caller sees either nothing or the whole checkpoint)."""
