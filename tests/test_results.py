@@ -296,8 +296,12 @@ def test_summary_json_has_the_run_settings_first(tmp_path: Path) -> None:
     got = data["run"]
     assert set(got) == {"matrix", "setups", "scenarios", "model", "checkpoint_hash", "engine", "engine_identity",
                         "engine_code", "baseline", "policy", "tolerances", "dtype", "device", "backend", "seed",
-                        "mutation", "requests", "requests_hash", "repeat", "command", "version", "git_sha"}
+                        "mutation", "requests", "requests_hash", "repeat", "engine_limits", "command", "version",
+                        "git_sha"}
     assert (got["requests"], got["requests_hash"], got["repeat"]) == (None, None, 1)
+    from harness.setup import MAX_NUM_BATCHED_TOKENS, MAX_NUM_SEQS
+
+    assert got["engine_limits"] == {"max_num_seqs": MAX_NUM_SEQS, "max_num_batched_tokens": MAX_NUM_BATCHED_TOKENS}
     assert (got["matrix"], got["setups"], got["scenarios"], got["model"]) == (
         "smoke", ["tp2-eager"], ["text", "mixed"], "tiny-llama")
     assert (got["dtype"], got["device"], got["backend"], got["seed"]) == ("bfloat16", "cpu", "mp", 7)
